@@ -1,0 +1,225 @@
+/*
+ * The gateway's configuration: the JSON file of API.md section 2, parsed and validated strictly.
+ * Every problem is reported with the path of the offending value
+ * ("config error at routes[1].policies.retry.max_attempts: must be an integer from 1 to 10"),
+ * every problem in the file is reported (not only the first), and a config that loads is
+ * immutable: reloads build a new one and swap it in. A loaded config is reference counted so
+ * requests in flight keep the routes they started with.
+ */
+#ifndef GW_CONFIG_H
+#define GW_CONFIG_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define GW_CONFIG_MAX_ERRORS 64
+#define GW_CONFIG_MAX_ROUTES 4096
+#define GW_CONFIG_MAX_TARGETS 64
+#define GW_CONFIG_MAX_PEERS 15
+#define GW_CONFIG_MAX_FILE_BYTES (16u << 20)
+
+/* A listen or peer address, "host:port" or "[v6]:port". */
+struct gw_addr {
+  char text[128]; /* as written */
+  struct sockaddr_storage ss;
+  socklen_t len;
+};
+
+enum gw_balance { GW_BALANCE_ROUND_ROBIN, GW_BALANCE_LEAST_OUTSTANDING };
+enum gw_key_kind { GW_KEY_ROUTE, GW_KEY_CLIENT_IP, GW_KEY_HEADER };
+enum gw_scope { GW_SCOPE_LOCAL, GW_SCOPE_CLUSTER };
+enum gw_backend_type { GW_BACKEND_MEMORY, GW_BACKEND_RAFT, GW_BACKEND_REDIS };
+enum gw_jitter { GW_JITTER_NONE, GW_JITTER_FULL, GW_JITTER_EQUAL, GW_JITTER_DECORRELATED };
+enum gw_window_kind { GW_WINDOW_COUNT, GW_WINDOW_TIME };
+
+/* Bit sets for the "on" lists. */
+enum {
+  GW_RETRY_ON_CONNECT_FAILURE = 1 << 0,
+  GW_RETRY_ON_TIMEOUT = 1 << 1,
+  GW_RETRY_ON_STATUS = 1 << 2,
+};
+enum {
+  GW_DEGRADE_CIRCUIT_OPEN = 1 << 0,
+  GW_DEGRADE_UPSTREAM_ERROR = 1 << 1,
+  GW_DEGRADE_SHED = 1 << 2,
+  GW_DEGRADE_SLOW = 1 << 3,
+  GW_DEGRADE_FORCED = 1 << 4,
+  GW_DEGRADE_STALE = 1 << 5,
+};
+
+/* A set of HTTP status codes 100..599. */
+struct gw_status_set {
+  uint64_t bits[10];
+};
+bool gw_status_set_has(const struct gw_status_set *s, int status);
+
+struct gw_limit_key {
+  enum gw_key_kind kind;
+  char header[128]; /* for GW_KEY_HEADER */
+};
+
+struct gw_token_bucket_conf {
+  bool enabled;
+  uint64_t capacity;
+  double refill_per_sec;
+  struct gw_limit_key key;
+  enum gw_scope scope;
+  uint32_t max_keys;
+};
+
+struct gw_sliding_window_conf {
+  bool enabled;
+  uint64_t limit;
+  uint64_t window_ms;
+  struct gw_limit_key key;
+  enum gw_scope scope;
+  uint32_t max_keys;
+};
+
+struct gw_breaker_conf {
+  bool enabled;
+  enum gw_window_kind window;
+  uint32_t window_size; /* calls (count) or seconds (time) */
+  uint32_t min_calls;
+  double failure_rate;
+  uint64_t slow_call_ms;
+  double slow_call_rate;
+  uint64_t open_ms;
+  uint32_t half_open_calls;
+  struct gw_status_set failure_statuses;
+};
+
+struct gw_retry_conf {
+  bool enabled;
+  uint32_t max_attempts;
+  uint64_t base_ms;
+  uint64_t max_backoff_ms;
+  enum gw_jitter jitter;
+  uint64_t per_try_timeout_ms; /* 0: none beyond upstream.timeout_ms */
+  unsigned on;                 /* GW_RETRY_ON_* */
+  struct gw_status_set statuses;
+  double budget_percent;
+  double budget_min_per_sec;
+};
+
+struct gw_header_pair {
+  char *name;
+  char *value;
+};
+
+struct gw_degradation_conf {
+  bool enabled;
+  bool has_fallback;
+  int fallback_status;
+  struct gw_header_pair *fallback_headers; /* owned */
+  size_t fallback_header_count;
+  char *fallback_body; /* owned; a JSON value serialised, or a string as is */
+  size_t fallback_body_len;
+  unsigned on; /* GW_DEGRADE_* */
+  uint32_t max_concurrent; /* 0: no limit */
+  uint64_t slow_ms;        /* 0: no slow detection */
+  uint64_t slow_window_ms;
+  uint64_t stale_if_error_ms; /* 0: no stale responses */
+};
+
+struct gw_idempotency_conf {
+  bool enabled;
+  char header[128];
+  char **methods; /* owned */
+  size_t method_count;
+  uint64_t ttl_ms;
+  bool required;
+};
+
+struct gw_target {
+  char *base;    /* owned: "http://host:port" */
+  char *path;    /* owned: a path prefix to prepend, "" for none */
+  size_t path_len;
+};
+
+struct gw_route {
+  char *name;        /* owned */
+  char *path_prefix; /* owned */
+  size_t prefix_len;
+  char **methods; /* owned; NULL when any method matches */
+  size_t method_count;
+  char *host; /* owned; NULL when any host matches */
+  struct gw_target targets[GW_CONFIG_MAX_TARGETS];
+  size_t target_count;
+  bool strip_prefix;
+  enum gw_balance balance;
+  uint64_t timeout_ms;
+  uint64_t connect_timeout_ms;
+  struct gw_token_bucket_conf token_bucket;
+  struct gw_sliding_window_conf sliding_window;
+  struct gw_breaker_conf breaker;
+  struct gw_retry_conf retry;
+  struct gw_degradation_conf degradation;
+  struct gw_idempotency_conf idempotency;
+  char *json; /* owned: the route object as written, for the admin API */
+
+  /* Balancing state, shared by the workers while this config is current. */
+  atomic_uint_fast64_t rr_next;
+  atomic_int *outstanding; /* owned; one counter per target */
+};
+
+struct gw_peer {
+  char id[64];
+  struct gw_addr raft;
+  struct gw_addr api;
+};
+
+struct gw_config {
+  atomic_int refs;
+  char node_id[64];
+  struct gw_addr listen;
+  struct gw_addr api_listen;
+  char data_dir[1024];
+  uint64_t shutdown_grace_ms;
+  uint64_t max_body_bytes;
+  uint32_t max_connections;
+  uint32_t workers;            /* 0: one per core */
+  uint64_t idle_timeout_ms;    /* keep-alive idle connections are closed after this */
+  char admin_token[256];
+
+  enum gw_backend_type backend;
+  char redis_url[512];
+  uint64_t redis_timeout_ms;
+
+  bool has_cluster;
+  struct gw_addr raft_listen;
+  struct gw_peer peers[GW_CONFIG_MAX_PEERS];
+  size_t peer_count;
+  uint64_t election_timeout_ms;
+  uint64_t heartbeat_ms;
+  uint64_t snapshot_every;
+
+  struct gw_route *routes; /* owned; in the file's order */
+  size_t route_count;
+  struct gw_route **match_order; /* owned; routes in matching precedence (router.h) */
+};
+
+/* The problems found while loading, one line each ("config error at PATH: WHAT"). */
+struct gw_config_errors {
+  char lines[GW_CONFIG_MAX_ERRORS][1024];
+  size_t count;
+  size_t dropped; /* problems beyond GW_CONFIG_MAX_ERRORS */
+};
+
+/*
+ * Parse and validate a config from text (len bytes, need not be NUL-terminated). On success
+ * returns a config with one reference; on failure returns NULL and fills errs (never both).
+ */
+struct gw_config *gw_config_parse(const char *text, size_t len, struct gw_config_errors *errs);
+
+/* Read FILE and parse it; an unreadable file is reported in errs as well. */
+struct gw_config *gw_config_load(const char *path, struct gw_config_errors *errs);
+
+/* Take and drop a reference; the last unref frees the config. */
+struct gw_config *gw_config_ref(struct gw_config *c);
+void gw_config_unref(struct gw_config *c);
+
+#endif

@@ -1,0 +1,1140 @@
+/*
+ * The proxy engine (see engine.h for the shape).
+ *
+ * Life of a request in a worker:
+ *  1. libmicrohttpd's URI log callback sees the raw request target first; a request context is
+ *     taken from the worker's free list and keeps the target byte for byte (the handler's url
+ *     argument is percent-decoded and loses the query).
+ *  2. The access handler runs: route match, then the body is gathered up to max_body_bytes.
+ *  3. An easy handle (kept with the context and reused, so connections to upstreams are kept
+ *     alive by the worker's multi handle) is added to the multi handle and the client connection
+ *     is suspended.
+ *  4. When curl reports the transfer done, the connection is resumed; libmicrohttpd calls the
+ *     handler again and the response is queued from the buffers the context owns.
+ *  5. The completion callback writes the access log line and returns the context to the list.
+ */
+#include "engine.h"
+
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "headers.h"
+#include "log.h"
+#include "router.h"
+
+#define MAX_WORKERS 256
+#define FREE_REQS_MAX 1024
+#define REQ_HEADERS_MAX 128 /* request headers forwarded; more is a 431 */
+#define RESP_HEADERS_MAX 256
+
+enum tag { TAG_MHD = 1, TAG_EVENT = 2, TAG_CURL = 3 };
+
+struct buf {
+  char *p;
+  size_t len, cap;
+};
+
+static bool buf_reserve(struct buf *b, size_t need)
+{
+  if (b->len + need <= b->cap)
+    return true;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + need)
+    cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (!p)
+    return false;
+  b->p = p;
+  b->cap = cap;
+  return true;
+}
+
+static bool buf_append(struct buf *b, const void *data, size_t n)
+{
+  if (!buf_reserve(b, n + 1))
+    return false;
+  memcpy(b->p + b->len, data, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return true;
+}
+
+/* Shrink buffers that grew for one large request so idle contexts stay small. */
+static void buf_trim(struct buf *b, size_t keep)
+{
+  b->len = 0;
+  if (b->cap > keep) {
+    free(b->p);
+    b->p = NULL;
+    b->cap = 0;
+  }
+}
+
+enum req_state { REQ_NEW, REQ_BODY, REQ_UPSTREAM, REQ_DONE, REQ_REPLIED };
+
+struct worker;
+
+/* One request. Owned by its worker; lives on the free list between requests. */
+struct req {
+  struct req *next_free;
+  struct req *up_prev, *up_next; /* the worker's list of running upstream transfers */
+  struct worker *w;
+  struct MHD_Connection *conn;
+  struct gw_config *cfg; /* a reference for the request's lifetime */
+  struct gw_route *route;
+  int target;
+  enum req_state state;
+  int err; /* a gw_err to answer with, 0 for the upstream's response */
+  bool counted;   /* counted in the worker's in-flight requests */
+  bool outstanding_held;
+  const char *method; /* owned by libmicrohttpd for the request's lifetime */
+  struct buf target_raw; /* the request target as received, NUL-terminated */
+  size_t path_len;       /* bytes of target_raw before '?' */
+  struct buf body;
+  bool has_body;
+  bool body_too_large;
+  char request_id[208];
+  char client_ip[INET6_ADDRSTRLEN];
+  struct timespec started;
+
+  CURL *easy;
+  struct curl_slist *up_headers;
+  struct buf url;
+  int status;
+  struct buf resp_headers; /* "name\0value\0" pairs */
+  size_t resp_header_count;
+  struct gw_conn_tokens resp_conn;
+  struct buf resp_body;
+  bool resp_too_large;
+  long resp_content_length; /* for HEAD */
+};
+
+struct worker {
+  struct gw_engine *eng;
+  int idx;
+  pthread_t thread;
+  int epfd, evfd, listen_fd;
+  struct MHD_Daemon *mhd;
+  CURLM *multi;
+  int64_t curl_deadline_ms; /* -1: none */
+  bool curl_timer_due;
+  struct gw_config *cfg;
+  unsigned cfg_gen;
+  struct req *free_reqs;
+  size_t free_count;
+  struct req *upstreams;
+  int inflight;
+  bool resumed;
+  uint64_t rng;
+  struct gw_logbuf log;
+};
+
+struct gw_engine {
+  pthread_mutex_t cfg_mu;
+  struct gw_config *cfg;
+  atomic_uint cfg_gen;
+  atomic_bool draining;
+  atomic_int connections;
+  atomic_ullong refused;
+  uint32_t max_connections;
+  int64_t drain_deadline_ms;
+  size_t nworkers;
+  struct worker *workers;
+};
+
+static int64_t mono_ms(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t rng_next(uint64_t *s)
+{
+  /* splitmix64: fast, good enough for request ids. */
+  uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* ---- request contexts ---- */
+
+static struct req *req_get(struct worker *w)
+{
+  struct req *r = w->free_reqs;
+  if (r) {
+    w->free_reqs = r->next_free;
+    w->free_count--;
+  } else {
+    r = calloc(1, sizeof(*r));
+    if (!r)
+      return NULL;
+    r->w = w;
+  }
+  r->next_free = NULL;
+  r->state = REQ_NEW;
+  r->err = 0;
+  r->route = NULL;
+  r->target = -1;
+  r->counted = false;
+  r->outstanding_held = false;
+  r->method = NULL;
+  r->conn = NULL;
+  r->cfg = NULL;
+  r->target_raw.len = 0;
+  r->path_len = 0;
+  r->body.len = 0;
+  r->has_body = false;
+  r->body_too_large = false;
+  r->request_id[0] = '\0';
+  r->client_ip[0] = '\0';
+  r->status = 0;
+  r->resp_headers.len = 0;
+  r->resp_header_count = 0;
+  r->resp_conn.count = 0;
+  r->resp_body.len = 0;
+  r->resp_too_large = false;
+  r->resp_content_length = -1;
+  clock_gettime(CLOCK_MONOTONIC, &r->started);
+  return r;
+}
+
+static void req_release_outstanding(struct req *r)
+{
+  if (r->outstanding_held) {
+    atomic_fetch_sub_explicit(&r->route->outstanding[r->target], 1, memory_order_relaxed);
+    r->outstanding_held = false;
+  }
+}
+
+static void req_put(struct worker *w, struct req *r)
+{
+  req_release_outstanding(r);
+  if (r->up_headers) {
+    curl_slist_free_all(r->up_headers);
+    r->up_headers = NULL;
+  }
+  if (r->cfg) {
+    gw_config_unref(r->cfg);
+    r->cfg = NULL;
+  }
+  if (w->free_count >= FREE_REQS_MAX) {
+    if (r->easy)
+      curl_easy_cleanup(r->easy);
+    free(r->target_raw.p);
+    free(r->body.p);
+    free(r->url.p);
+    free(r->resp_headers.p);
+    free(r->resp_body.p);
+    free(r);
+    return;
+  }
+  buf_trim(&r->body, 64 * 1024);
+  buf_trim(&r->resp_body, 64 * 1024);
+  buf_trim(&r->resp_headers, 16 * 1024);
+  buf_trim(&r->target_raw, 8 * 1024);
+  r->next_free = w->free_reqs;
+  w->free_reqs = r;
+  w->free_count++;
+}
+
+/* ---- responses ---- */
+
+static void add_common_headers(struct req *r, struct MHD_Response *resp)
+{
+  if (r->request_id[0])
+    MHD_add_response_header(resp, "X-Request-Id", r->request_id);
+  if (atomic_load_explicit(&r->w->eng->draining, memory_order_relaxed))
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+}
+
+static enum MHD_Result reply_error(struct req *r, int err)
+{
+  char body[256];
+  int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}",
+                   gw_err_name(err), gw_strerror(err));
+  r->err = err;
+  r->status = gw_err_status(err);
+  r->state = REQ_REPLIED;
+  struct MHD_Response *resp =
+      MHD_create_response_from_buffer((size_t)n, body, MHD_RESPMEM_MUST_COPY);
+  if (!resp)
+    return MHD_NO;
+  MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+  add_common_headers(r, resp);
+  enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)r->status, resp);
+  MHD_destroy_response(resp);
+  return ok;
+}
+
+static enum MHD_Result reply_upstream(struct req *r)
+{
+  bool head = strcmp(r->method, "HEAD") == 0;
+  struct MHD_Response *resp =
+      MHD_create_response_from_buffer(head ? 0 : r->resp_body.len,
+                                      r->resp_body.p ? r->resp_body.p : (char *)"",
+                                      MHD_RESPMEM_PERSISTENT);
+  if (!resp)
+    return MHD_NO;
+  if (head && r->resp_content_length >= 0) {
+    char cl[32];
+    snprintf(cl, sizeof(cl), "%ld", r->resp_content_length);
+    MHD_set_response_options(resp, MHD_RF_INSANITY_HEADER_CONTENT_LENGTH, MHD_RO_END);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_LENGTH, cl);
+  }
+  const char *p = r->resp_headers.p;
+  for (size_t i = 0; i < r->resp_header_count; i++) {
+    const char *name = p;
+    const char *value = name + strlen(name) + 1;
+    p = value + strlen(value) + 1;
+    if (gw_header_is_hop_by_hop(name, &r->resp_conn) || strcasecmp(name, "Content-Length") == 0 ||
+        strcasecmp(name, "X-Request-Id") == 0)
+      continue;
+    MHD_add_response_header(resp, name, value);
+  }
+  add_common_headers(r, resp);
+  r->state = REQ_REPLIED;
+  enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)r->status, resp);
+  MHD_destroy_response(resp);
+  return ok;
+}
+
+/* ---- upstream transfers ---- */
+
+static void upstream_link(struct worker *w, struct req *r);
+
+static size_t on_resp_header(char *data, size_t size, size_t n, void *userp)
+{
+  struct req *r = userp;
+  size_t len = size * n;
+  if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+    /* A new response (after a 1xx): start over. */
+    r->resp_headers.len = 0;
+    r->resp_header_count = 0;
+    r->resp_conn.count = 0;
+    r->resp_content_length = -1;
+    return len;
+  }
+  size_t end = len;
+  while (end > 0 && (data[end - 1] == '\r' || data[end - 1] == '\n'))
+    end--;
+  if (end == 0 || data[0] == ' ' || data[0] == '\t')
+    return len; /* the blank line, or an obsolete folded line (RFC 9112 section 5.2) */
+  const char *colon = memchr(data, ':', end);
+  if (!colon || colon == data || r->resp_header_count >= RESP_HEADERS_MAX)
+    return len;
+  size_t nl = (size_t)(colon - data);
+  const char *v = colon + 1;
+  while (v < data + end && (*v == ' ' || *v == '\t'))
+    v++;
+  size_t vl = (size_t)(data + end - v);
+  if (!buf_reserve(&r->resp_headers, nl + vl + 2))
+    return 0;
+  char *dst = r->resp_headers.p + r->resp_headers.len;
+  memcpy(dst, data, nl);
+  dst[nl] = '\0';
+  memcpy(dst + nl + 1, v, vl);
+  dst[nl + 1 + vl] = '\0';
+  if (strcasecmp(dst, "Connection") == 0)
+    gw_conn_tokens_add(&r->resp_conn, dst + nl + 1);
+  else if (strcasecmp(dst, "Content-Length") == 0)
+    r->resp_content_length = strtol(dst + nl + 1, NULL, 10);
+  r->resp_headers.len += nl + vl + 2;
+  r->resp_header_count++;
+  return len;
+}
+
+static size_t on_resp_body(char *data, size_t size, size_t n, void *userp)
+{
+  struct req *r = userp;
+  size_t len = size * n;
+  if (r->resp_body.len + len > r->cfg->max_body_bytes) {
+    r->resp_too_large = true;
+    return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+  }
+  if (!buf_append(&r->resp_body, data, len))
+    return 0;
+  return len;
+}
+
+struct hdr_walk {
+  struct req *r;
+  struct gw_conn_tokens conn;
+  const char *host;
+  struct buf xff_in;
+  bool has_content_type, has_accept, failed;
+  int count;
+};
+
+static enum MHD_Result collect_connection(void *cls, enum MHD_ValueKind kind, const char *key,
+                                          const char *value)
+{
+  struct hdr_walk *hw = cls;
+  if (strcasecmp(key, "Connection") == 0 && value)
+    gw_conn_tokens_add(&hw->conn, value);
+  return MHD_YES;
+}
+
+static bool slist_add(struct req *r, const char *name, size_t nl, const char *value)
+{
+  char line[8192];
+  int n = snprintf(line, sizeof(line), "%.*s: %s", (int)nl, name, value ? value : "");
+  if (n < 0 || (size_t)n >= sizeof(line))
+    return false;
+  struct curl_slist *s = curl_slist_append(r->up_headers, line);
+  if (!s)
+    return false;
+  r->up_headers = s;
+  return true;
+}
+
+static enum MHD_Result forward_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                      const char *value)
+{
+  struct hdr_walk *hw = cls;
+  struct req *r = hw->r;
+  if (gw_header_is_hop_by_hop(key, &hw->conn) || strcasecmp(key, "Host") == 0 ||
+      strcasecmp(key, "Content-Length") == 0 || strcasecmp(key, "Expect") == 0 ||
+      strcasecmp(key, "X-Request-Id") == 0 || strcasecmp(key, "X-Forwarded-Proto") == 0 ||
+      strcasecmp(key, "X-Forwarded-Host") == 0) {
+    if (strcasecmp(key, "Host") == 0)
+      hw->host = value;
+    return MHD_YES;
+  }
+  if (strcasecmp(key, "X-Forwarded-For") == 0) {
+    if (value && *value) {
+      if (hw->xff_in.len)
+        buf_append(&hw->xff_in, ", ", 2);
+      buf_append(&hw->xff_in, value, strlen(value));
+    }
+    return MHD_YES;
+  }
+  if (++hw->count > REQ_HEADERS_MAX) {
+    hw->failed = true;
+    return MHD_NO;
+  }
+  if (strcasecmp(key, "Content-Type") == 0)
+    hw->has_content_type = true;
+  if (strcasecmp(key, "Accept") == 0)
+    hw->has_accept = true;
+  if (!slist_add(r, key, strlen(key), value))
+    hw->failed = true;
+  return hw->failed ? MHD_NO : MHD_YES;
+}
+
+static int pick_target(struct gw_route *rt)
+{
+  size_t n = rt->target_count;
+  uint64_t start = atomic_fetch_add_explicit(&rt->rr_next, 1, memory_order_relaxed);
+  if (rt->balance == GW_BALANCE_ROUND_ROBIN || n == 1)
+    return (int)(start % n);
+  /* least_outstanding: the fewest in flight, ties broken round robin. */
+  int best = -1, best_n = 0;
+  for (size_t i = 0; i < n; i++) {
+    size_t t = (start + i) % n;
+    int o = atomic_load_explicit(&rt->outstanding[t], memory_order_relaxed);
+    if (best < 0 || o < best_n) {
+      best = (int)t;
+      best_n = o;
+    }
+  }
+  return best;
+}
+
+/* Build and start the upstream transfer. Returns 0 or a gw_err. */
+static int start_upstream(struct req *r)
+{
+  struct gw_route *rt = r->route;
+  r->target = pick_target(rt);
+  const struct gw_target *t = &rt->targets[r->target];
+  atomic_fetch_add_explicit(&rt->outstanding[r->target], 1, memory_order_relaxed);
+  r->outstanding_held = true;
+
+  /* Request target: the target's path, then the request path (less the prefix), then the
+   * query, all byte for byte. */
+  const char *path = r->target_raw.p;
+  size_t path_len = r->path_len;
+  const char *query = r->target_raw.p + r->path_len; /* "" or "?..." */
+  r->url.len = 0;
+  if (!buf_append(&r->url, t->path, t->path_len))
+    return GW_ENOMEM;
+  if (rt->strip_prefix) {
+    size_t cut = rt->prefix_len;
+    if (cut > 0 && rt->path_prefix[cut - 1] == '/')
+      cut--; /* keep the slash that separates the rest */
+    path += cut;
+    path_len -= cut;
+    if (path_len == 0 || path[0] != '/')
+      buf_append(&r->url, "/", 1);
+  }
+  if (!buf_append(&r->url, path, path_len) || !buf_append(&r->url, query, strlen(query)))
+    return GW_ENOMEM;
+
+  struct hdr_walk hw;
+  memset(&hw, 0, sizeof(hw));
+  hw.r = r;
+  MHD_get_connection_values(r->conn, MHD_HEADER_KIND, collect_connection, &hw);
+  MHD_get_connection_values(r->conn, MHD_HEADER_KIND, forward_header, &hw);
+  char xff[4096];
+  bool ok = !hw.failed;
+  if (ok && gw_xff_append(xff, sizeof(xff), hw.xff_in.len ? hw.xff_in.p : NULL, r->client_ip) < 0)
+    ok = false;
+  free(hw.xff_in.p);
+  if (!ok)
+    return GW_EINVALID;
+  ok = slist_add(r, "X-Forwarded-For", 15, xff) && slist_add(r, "X-Forwarded-Proto", 17, "http") &&
+       (!hw.host || slist_add(r, "X-Forwarded-Host", 16, hw.host)) &&
+       slist_add(r, "X-Request-Id", 12, r->request_id) &&
+       /* Empty values stop curl adding its own defaults. */
+       slist_add(r, "Expect", 6, NULL) && (hw.has_accept || slist_add(r, "Accept", 6, NULL)) &&
+       (hw.has_content_type || slist_add(r, "Content-Type", 12, NULL));
+  if (!ok)
+    return GW_ENOMEM;
+  /* "Name:" with nothing after removes the header in curl; "Name: " would send it empty. */
+  for (struct curl_slist *s = r->up_headers; s; s = s->next) {
+    size_t l = strlen(s->data);
+    if (l >= 2 && s->data[l - 1] == ' ' && s->data[l - 2] == ':')
+      s->data[l - 1] = '\0';
+  }
+
+  if (!r->easy) {
+    r->easy = curl_easy_init();
+    if (!r->easy)
+      return GW_ENOMEM;
+  } else {
+    curl_easy_reset(r->easy);
+  }
+  CURL *e = r->easy;
+  curl_easy_setopt(e, CURLOPT_URL, t->base);
+  curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, r->url.p);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_PROXY, "");
+  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
+  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)rt->connect_timeout_ms);
+  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)rt->timeout_ms);
+  curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->up_headers);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_resp_header);
+  curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_resp_body);
+  curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+  if (strcmp(r->method, "HEAD") == 0) {
+    curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+  } else if (r->has_body) {
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body.len);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body.p ? r->body.p : "");
+    if (strcmp(r->method, "POST") != 0)
+      curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, r->method);
+  } else if (strcmp(r->method, "GET") != 0) {
+    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, r->method);
+  }
+  if (curl_multi_add_handle(r->w->multi, e) != CURLM_OK)
+    return GW_ENOMEM;
+  upstream_link(r->w, r);
+  return 0;
+}
+
+static void upstream_link(struct worker *w, struct req *r)
+{
+  r->up_prev = NULL;
+  r->up_next = w->upstreams;
+  if (w->upstreams)
+    w->upstreams->up_prev = r;
+  w->upstreams = r;
+}
+
+/* Take the transfer off the multi handle and the worker's list. */
+static void upstream_unlink(struct worker *w, struct req *r)
+{
+  curl_multi_remove_handle(w->multi, r->easy);
+  if (r->up_prev)
+    r->up_prev->up_next = r->up_next;
+  else if (w->upstreams == r)
+    w->upstreams = r->up_next;
+  if (r->up_next)
+    r->up_next->up_prev = r->up_prev;
+  r->up_prev = r->up_next = NULL;
+}
+
+static void finish_upstream(struct worker *w, struct req *r, CURLcode rc)
+{
+  upstream_unlink(w, r);
+  req_release_outstanding(r);
+  if (rc == CURLE_OK) {
+    long status = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+    r->status = (int)status;
+    r->err = 0;
+  } else if (r->resp_too_large) {
+    r->err = GW_EUPSTREAM_RESPONSE_TOO_LARGE;
+  } else if (rc == CURLE_OPERATION_TIMEDOUT) {
+    curl_off_t connected = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME_T, &connected);
+    r->err = connected > 0 ? GW_EUPSTREAM_TIMEOUT : GW_EUPSTREAM_UNAVAILABLE;
+  } else {
+    r->err = GW_EUPSTREAM_UNAVAILABLE;
+  }
+  r->state = REQ_DONE;
+  MHD_resume_connection(r->conn);
+  w->resumed = true;
+}
+
+static void check_multi(struct worker *w)
+{
+  CURLMsg *m;
+  int left;
+  while ((m = curl_multi_info_read(w->multi, &left))) {
+    if (m->msg != CURLMSG_DONE)
+      continue;
+    struct req *r = NULL;
+    curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+    CURLcode rc = m->data.result;
+    if (r)
+      finish_upstream(w, r, rc);
+  }
+}
+
+static int on_curl_socket(CURL *e, curl_socket_t s, int what, void *userp, void *socketp)
+{
+  struct worker *w = userp;
+  if (what == CURL_POLL_REMOVE) {
+    epoll_ctl(w->epfd, EPOLL_CTL_DEL, s, NULL);
+    return 0;
+  }
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+  ev.data.u64 = ((uint64_t)TAG_CURL << 32) | (uint32_t)s;
+  if (epoll_ctl(w->epfd, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
+    epoll_ctl(w->epfd, EPOLL_CTL_ADD, s, &ev);
+  return 0;
+}
+
+static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
+{
+  struct worker *w = userp;
+  w->curl_deadline_ms = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
+  return 0;
+}
+
+/* ---- libmicrohttpd callbacks ---- */
+
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+  struct worker *w = cls;
+  struct req *r = req_get(w);
+  if (!r)
+    return NULL;
+  r->conn = conn;
+  size_t n = strlen(uri);
+  if (!buf_append(&r->target_raw, uri, n)) {
+    req_put(w, r);
+    return NULL;
+  }
+  const char *q = memchr(r->target_raw.p, '?', n);
+  r->path_len = q ? (size_t)(q - r->target_raw.p) : n;
+  return r;
+}
+
+static void set_request_id(struct req *r)
+{
+  const char *in = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
+  if (in && gw_request_id_is_valid(in)) {
+    snprintf(r->request_id, sizeof(r->request_id), "%s", in);
+    return;
+  }
+  gw_request_id_format(r->request_id, rng_next(&r->w->rng), rng_next(&r->w->rng));
+}
+
+static void set_client_ip(struct req *r)
+{
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+  const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+  if (sa && sa->sa_family == AF_INET)
+    inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, r->client_ip,
+              sizeof(r->client_ip));
+  else if (sa && sa->sa_family == AF_INET6)
+    inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, r->client_ip,
+              sizeof(r->client_ip));
+  else
+    snprintf(r->client_ip, sizeof(r->client_ip), "unknown");
+}
+
+/* First call for a request: route, limits, ids. Returns 0 or a gw_err to answer with. */
+static int begin_request(struct req *r)
+{
+  struct worker *w = r->w;
+  r->cfg = gw_config_ref(w->cfg);
+  w->inflight++;
+  r->counted = true;
+  set_request_id(r);
+  set_client_ip(r);
+  if (atomic_load_explicit(&w->eng->draining, memory_order_relaxed) &&
+      w->eng->drain_deadline_ms && mono_ms() > w->eng->drain_deadline_ms)
+    return GW_ESHUTTING_DOWN;
+  const char *host = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Host");
+  /* Paths are matched as received: a percent-encoded path only matches its encoded prefix. */
+  r->route = gw_router_match(r->cfg, r->method, r->target_raw.p, r->path_len, host);
+  if (!r->route)
+    return GW_EROUTE_NOT_FOUND;
+  const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
+  const char *te = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Transfer-Encoding");
+  if (cl) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(cl, &end, 10);
+    if (errno || *end || end == cl)
+      return GW_EINVALID;
+    if (v > r->cfg->max_body_bytes)
+      return GW_EBODY_TOO_LARGE;
+    r->has_body = true;
+  }
+  if (te)
+    r->has_body = true;
+  return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+  struct worker *w = cls;
+  struct req *r = *con_cls;
+  if (!r) {
+    /* No URI callback ran (out of memory there): refuse and close. */
+    return MHD_NO;
+  }
+  switch (r->state) {
+  case REQ_NEW: {
+    r->conn = conn;
+    r->method = method;
+    r->state = REQ_BODY;
+    int err = begin_request(r);
+    if (err)
+      return reply_error(r, err);
+    return MHD_YES;
+  }
+  case REQ_BODY:
+    if (*upload_data_size) {
+      if (!r->body_too_large) {
+        if (r->body.len + *upload_data_size > r->cfg->max_body_bytes)
+          r->body_too_large = true;
+        else if (!buf_append(&r->body, upload_data, *upload_data_size))
+          return MHD_NO;
+      }
+      *upload_data_size = 0;
+      return MHD_YES;
+    }
+    if (r->body_too_large)
+      return reply_error(r, GW_EBODY_TOO_LARGE);
+    {
+      int err = start_upstream(r);
+      if (err) {
+        req_release_outstanding(r);
+        return reply_error(r, err);
+      }
+    }
+    r->state = REQ_UPSTREAM;
+    MHD_suspend_connection(conn);
+    return MHD_YES;
+  case REQ_UPSTREAM:
+    return MHD_YES; /* spurious call while suspended */
+  case REQ_DONE:
+    if (r->err)
+      return reply_error(r, r->err);
+    return reply_upstream(r);
+  case REQ_REPLIED:
+    return MHD_YES;
+  }
+  (void)w;
+  (void)url;
+  (void)version;
+  return MHD_NO;
+}
+
+static void access_log(struct worker *w, struct req *r, enum MHD_RequestTerminationCode toe)
+{
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  double ms = (double)(now.tv_sec - r->started.tv_sec) * 1e3 +
+              (double)(now.tv_nsec - r->started.tv_nsec) / 1e6;
+  char *line = gw_logbuf_reserve(&w->log);
+  struct gw_jbuf j;
+  gw_log_begin(&j, line, GW_LOG_LINE_MAX, "info", NULL);
+  gw_jbuf_str(&j, "type", "access");
+  gw_jbuf_str(&j, "route", r->route ? r->route->name : NULL);
+  gw_jbuf_str(&j, "method", r->method);
+  gw_jbuf_strn(&j, "path", r->target_raw.p, r->path_len);
+  gw_jbuf_int(&j, "status", r->status);
+  gw_jbuf_str(&j, "upstream", r->route && r->target >= 0 ? r->route->targets[r->target].base : NULL);
+  gw_jbuf_num(&j, "duration_ms", ms);
+  gw_jbuf_str(&j, "request_id", r->request_id);
+  gw_jbuf_str(&j, "client", r->client_ip);
+  if (r->err)
+    gw_jbuf_str(&j, "error", gw_err_name(r->err));
+  if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+    gw_jbuf_str(&j, "aborted", "client connection closed before the response was sent");
+  gw_logbuf_commit(&w->log, gw_jbuf_end(&j));
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+  struct worker *w = cls;
+  struct req *r = *con_cls;
+  *con_cls = NULL;
+  if (!r)
+    return;
+  if (r->state == REQ_UPSTREAM) {
+    /* The client went away while the upstream transfer ran (only at shutdown). */
+    upstream_unlink(w, r);
+  }
+  if (r->counted) {
+    if (r->method)
+      access_log(w, r, toe);
+    w->inflight--;
+  }
+  req_put(w, r);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+  struct worker *w = cls;
+  if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+    atomic_fetch_add_explicit(&w->eng->connections, 1, memory_order_relaxed);
+    *socket_context = w;
+  } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+    atomic_fetch_sub_explicit(&w->eng->connections, 1, memory_order_relaxed);
+  }
+}
+
+static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
+{
+  struct gw_engine *e = cls;
+  if ((uint32_t)atomic_load_explicit(&e->connections, memory_order_relaxed) >=
+      e->max_connections) {
+    if (atomic_fetch_add_explicit(&e->refused, 1, memory_order_relaxed) % 1000 == 0)
+      gw_logf("warn", "max_connections (%u) reached: refusing new connections",
+              e->max_connections);
+    return MHD_NO;
+  }
+  return MHD_YES;
+}
+
+/* ---- the worker loop ---- */
+
+static void refresh_config(struct worker *w)
+{
+  struct gw_engine *e = w->eng;
+  unsigned gen = atomic_load_explicit(&e->cfg_gen, memory_order_acquire);
+  if (gen == w->cfg_gen)
+    return;
+  pthread_mutex_lock(&e->cfg_mu);
+  struct gw_config *next = gw_config_ref(e->cfg);
+  w->cfg_gen = atomic_load_explicit(&e->cfg_gen, memory_order_relaxed);
+  pthread_mutex_unlock(&e->cfg_mu);
+  gw_config_unref(w->cfg);
+  w->cfg = next;
+}
+
+/* At the end of the grace period: answer whatever still waits on an upstream. */
+static void abort_upstreams(struct worker *w)
+{
+  while (w->upstreams) {
+    struct req *r = w->upstreams;
+    upstream_unlink(w, r);
+    req_release_outstanding(r);
+    r->err = GW_ESHUTTING_DOWN;
+    r->state = REQ_DONE;
+    MHD_resume_connection(r->conn);
+  }
+}
+
+static void *worker_main(void *arg)
+{
+  struct worker *w = arg;
+  struct gw_engine *e = w->eng;
+  struct epoll_event evs[64];
+  bool quiesced = false;
+  for (;;) {
+    refresh_config(w);
+    int64_t now = mono_ms();
+    bool draining = atomic_load_explicit(&e->draining, memory_order_acquire);
+    if (draining && !quiesced) {
+      int fd = MHD_quiesce_daemon(w->mhd);
+      if (fd >= 0)
+        close(fd);
+      quiesced = true;
+    }
+    if (draining && w->inflight == 0)
+      break;
+    if (draining && now >= e->drain_deadline_ms) {
+      abort_upstreams(w);
+      MHD_run(w->mhd);
+      if (w->inflight == 0 || now >= e->drain_deadline_ms + 1000)
+        break;
+    }
+
+    int timeout = 1000;
+    MHD_UNSIGNED_LONG_LONG mhd_to;
+    if (MHD_get_timeout(w->mhd, &mhd_to) == MHD_YES && mhd_to < (MHD_UNSIGNED_LONG_LONG)timeout)
+      timeout = (int)mhd_to;
+    if (w->curl_deadline_ms >= 0) {
+      int64_t d = w->curl_deadline_ms - now;
+      if (d < 0)
+        d = 0;
+      if (d < timeout)
+        timeout = (int)d;
+    }
+    if (draining && timeout > 50)
+      timeout = 50;
+    if (w->log.len)
+      gw_logbuf_flush(&w->log);
+
+    int n = epoll_wait(w->epfd, evs, 64, timeout);
+    bool run_mhd = false;
+    for (int i = 0; i < n; i++) {
+      uint32_t tag = (uint32_t)(evs[i].data.u64 >> 32);
+      if (tag == TAG_MHD) {
+        run_mhd = true;
+      } else if (tag == TAG_EVENT) {
+        uint64_t v;
+        if (read(w->evfd, &v, sizeof(v)) < 0) {
+          /* nothing to do: the counter is reset either way */
+        }
+      } else if (tag == TAG_CURL) {
+        int fd = (int)(uint32_t)evs[i].data.u64;
+        int flags = 0, running;
+        if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+          flags |= CURL_CSELECT_IN;
+        if (evs[i].events & EPOLLOUT)
+          flags |= CURL_CSELECT_OUT;
+        if (evs[i].events & EPOLLERR)
+          flags |= CURL_CSELECT_ERR;
+        curl_multi_socket_action(w->multi, fd, flags, &running);
+      }
+    }
+    if (w->curl_deadline_ms >= 0 && mono_ms() >= w->curl_deadline_ms) {
+      int running;
+      w->curl_deadline_ms = -1;
+      curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    }
+    check_multi(w);
+    if (n == 0 || run_mhd || w->resumed) {
+      w->resumed = false;
+      MHD_run(w->mhd);
+      check_multi(w); /* requests queued by the run may already have failed */
+      if (w->resumed) {
+        w->resumed = false;
+        MHD_run(w->mhd);
+      }
+    }
+  }
+  if (w->log.len)
+    gw_logbuf_flush(&w->log);
+  return NULL;
+}
+
+static int listen_socket(const struct gw_addr *a)
+{
+  int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+  if (bind(fd, (const struct sockaddr *)&a->ss, a->len) != 0 || listen(fd, 4096) != 0) {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+  }
+  return fd;
+}
+
+static int worker_init(struct worker *w, const struct gw_config *cfg)
+{
+  w->curl_deadline_ms = -1;
+  w->epfd = epoll_create1(EPOLL_CLOEXEC);
+  w->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (w->epfd < 0 || w->evfd < 0)
+    return -1;
+  if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
+    w->rng = (uint64_t)mono_ms() ^ ((uint64_t)w->idx << 32);
+
+  unsigned idle_s = (unsigned)((cfg->idle_timeout_ms + 999) / 1000);
+  w->mhd = MHD_start_daemon(
+      MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO | MHD_USE_ERROR_LOG, 0, on_accept,
+      w->eng, on_request, w, MHD_OPTION_LISTEN_SOCKET, w->listen_fd, MHD_OPTION_URI_LOG_CALLBACK,
+      on_uri, w, MHD_OPTION_NOTIFY_COMPLETED, on_completed, w, MHD_OPTION_NOTIFY_CONNECTION,
+      on_connection, w, MHD_OPTION_CONNECTION_TIMEOUT, idle_s, MHD_OPTION_CONNECTION_LIMIT,
+      (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)32 * 1024,
+      MHD_OPTION_END);
+  if (!w->mhd)
+    return -1;
+  const union MHD_DaemonInfo *info = MHD_get_daemon_info(w->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+  if (!info)
+    return -1;
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN;
+  ev.data.u64 = (uint64_t)TAG_MHD << 32;
+  if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, info->epoll_fd, &ev) != 0)
+    return -1;
+  ev.data.u64 = (uint64_t)TAG_EVENT << 32;
+  if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->evfd, &ev) != 0)
+    return -1;
+
+  w->multi = curl_multi_init();
+  if (!w->multi)
+    return -1;
+  curl_multi_setopt(w->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+  curl_multi_setopt(w->multi, CURLMOPT_SOCKETDATA, w);
+  curl_multi_setopt(w->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+  curl_multi_setopt(w->multi, CURLMOPT_TIMERDATA, w);
+  curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, 1024L);
+  return 0;
+}
+
+static void curl_init_once(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+
+int gw_engine_start(struct gw_engine **out, struct gw_config *cfg)
+{
+  static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+  pthread_once(&curl_once, curl_init_once);
+  struct gw_engine *e = calloc(1, sizeof(*e));
+  if (!e)
+    return -1;
+  pthread_mutex_init(&e->cfg_mu, NULL);
+  e->cfg = gw_config_ref(cfg);
+  atomic_init(&e->cfg_gen, 1);
+  e->max_connections = cfg->max_connections;
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  e->nworkers = cfg->workers ? cfg->workers : (size_t)(cores > 0 ? cores : 1);
+  if (e->nworkers > MAX_WORKERS)
+    e->nworkers = MAX_WORKERS;
+  e->workers = calloc(e->nworkers, sizeof(*e->workers));
+  if (!e->workers)
+    return -1;
+  for (size_t i = 0; i < e->nworkers; i++) {
+    struct worker *w = &e->workers[i];
+    w->eng = e;
+    w->idx = (int)i;
+    w->epfd = w->evfd = -1;
+    w->listen_fd = listen_socket(&cfg->listen);
+    if (w->listen_fd < 0) {
+      gw_logf("error", "cannot listen on %s: %s", cfg->listen.text, strerror(errno));
+      return -1;
+    }
+    w->cfg = gw_config_ref(cfg);
+    w->cfg_gen = 1;
+    if (worker_init(w, cfg) != 0) {
+      gw_logf("error", "cannot start worker %zu: %s", i, strerror(errno));
+      return -1;
+    }
+  }
+  for (size_t i = 0; i < e->nworkers; i++)
+    if (pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]) != 0) {
+      gw_logf("error", "cannot start worker thread: %s", strerror(errno));
+      return -1;
+    }
+  *out = e;
+  return 0;
+}
+
+void gw_engine_set_config(struct gw_engine *e, struct gw_config *cfg)
+{
+  pthread_mutex_lock(&e->cfg_mu);
+  struct gw_config *old = e->cfg;
+  e->cfg = gw_config_ref(cfg);
+  e->max_connections = cfg->max_connections;
+  atomic_fetch_add_explicit(&e->cfg_gen, 1, memory_order_release);
+  pthread_mutex_unlock(&e->cfg_mu);
+  gw_config_unref(old);
+  uint64_t one = 1;
+  for (size_t i = 0; i < e->nworkers; i++)
+    if (write(e->workers[i].evfd, &one, sizeof(one)) < 0) {
+      /* the worker picks the config up at its next turn anyway */
+    }
+}
+
+struct gw_config *gw_engine_config(struct gw_engine *e)
+{
+  pthread_mutex_lock(&e->cfg_mu);
+  struct gw_config *c = gw_config_ref(e->cfg);
+  pthread_mutex_unlock(&e->cfg_mu);
+  return c;
+}
+
+bool gw_engine_accepting(const struct gw_engine *e)
+{
+  return !atomic_load_explicit(&((struct gw_engine *)e)->draining, memory_order_relaxed);
+}
+
+void gw_engine_drain(struct gw_engine *e, uint64_t grace_ms)
+{
+  e->drain_deadline_ms = mono_ms() + (int64_t)grace_ms;
+  atomic_store_explicit(&e->draining, true, memory_order_release);
+  uint64_t one = 1;
+  for (size_t i = 0; i < e->nworkers; i++)
+    if (write(e->workers[i].evfd, &one, sizeof(one)) < 0) {
+      /* the worker wakes within its poll timeout anyway */
+    }
+  for (size_t i = 0; i < e->nworkers; i++)
+    pthread_join(e->workers[i].thread, NULL);
+}
+
+void gw_engine_free(struct gw_engine *e)
+{
+  for (size_t i = 0; i < e->nworkers; i++) {
+    struct worker *w = &e->workers[i];
+    if (w->mhd)
+      MHD_stop_daemon(w->mhd);
+    gw_logbuf_flush(&w->log);
+    if (w->multi)
+      curl_multi_cleanup(w->multi);
+    while (w->free_reqs) {
+      struct req *r = w->free_reqs;
+      w->free_reqs = r->next_free;
+      if (r->easy)
+        curl_easy_cleanup(r->easy);
+      free(r->target_raw.p);
+      free(r->body.p);
+      free(r->url.p);
+      free(r->resp_headers.p);
+      free(r->resp_body.p);
+      free(r);
+    }
+    gw_config_unref(w->cfg);
+    if (w->epfd >= 0)
+      close(w->epfd);
+    if (w->evfd >= 0)
+      close(w->evfd);
+  }
+  free(e->workers);
+  gw_config_unref(e->cfg);
+  pthread_mutex_destroy(&e->cfg_mu);
+  free(e);
+}

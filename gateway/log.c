@@ -1,0 +1,191 @@
+/* Structured logging; see log.h. */
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+void gw_jbuf_init(struct gw_jbuf *j, char *buf, size_t cap)
+{
+  j->p = buf;
+  j->cap = cap;
+  j->len = 0;
+  j->overflow = false;
+  if (cap > 2) {
+    buf[0] = '{';
+    j->len = 1;
+  }
+}
+
+static void put(struct gw_jbuf *j, const char *s, size_t n)
+{
+  /* Keep room for the closing "}\n". */
+  if (j->len + n + 2 > j->cap) {
+    j->overflow = true;
+    return;
+  }
+  memcpy(j->p + j->len, s, n);
+  j->len += n;
+}
+
+size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n)
+{
+  static const char hex[] = "0123456789abcdef";
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)val[i];
+    char esc[7];
+    size_t el = 0;
+    if (ch == '"' || ch == '\\') {
+      esc[0] = '\\';
+      esc[1] = (char)ch;
+      el = 2;
+    } else if (ch < 0x20 || ch == 0x7f) {
+      esc[0] = '\\';
+      esc[1] = 'u';
+      esc[2] = '0';
+      esc[3] = '0';
+      esc[4] = hex[ch >> 4];
+      esc[5] = hex[ch & 15];
+      el = 6;
+    } else {
+      esc[0] = (char)ch;
+      el = 1;
+    }
+    if (o + el > cap)
+      break;
+    memcpy(out + o, esc, el);
+    o += el;
+  }
+  return o;
+}
+
+static void key(struct gw_jbuf *j, const char *k)
+{
+  if (j->len > 1)
+    put(j, ",", 1);
+  put(j, "\"", 1);
+  put(j, k, strlen(k));
+  put(j, "\":", 2);
+}
+
+void gw_jbuf_strn(struct gw_jbuf *j, const char *k, const char *val, size_t n)
+{
+  if (!val) {
+    key(j, k);
+    put(j, "null", 4);
+    return;
+  }
+  key(j, k);
+  put(j, "\"", 1);
+  if (j->len + 3 < j->cap) {
+    size_t room = j->cap - j->len - 3;
+    j->len += gw_json_escape(j->p + j->len, room, val, n);
+  }
+  put(j, "\"", 1);
+}
+
+void gw_jbuf_str(struct gw_jbuf *j, const char *k, const char *val)
+{
+  gw_jbuf_strn(j, k, val, val ? strlen(val) : 0);
+}
+
+void gw_jbuf_int(struct gw_jbuf *j, const char *k, long long val)
+{
+  char num[32];
+  int n = snprintf(num, sizeof(num), "%lld", val);
+  key(j, k);
+  put(j, num, (size_t)n);
+}
+
+void gw_jbuf_num(struct gw_jbuf *j, const char *k, double val)
+{
+  char num[48];
+  int n = snprintf(num, sizeof(num), "%.3f", val);
+  key(j, k);
+  put(j, num, (size_t)n);
+}
+
+size_t gw_jbuf_end(struct gw_jbuf *j)
+{
+  j->p[j->len++] = '}';
+  j->p[j->len++] = '\n';
+  return j->len;
+}
+
+void gw_log_begin(struct gw_jbuf *j, char *buf, size_t cap, const char *level, const char *msg)
+{
+  struct timespec ts;
+  struct tm tm;
+  char when[40];
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  size_t n = strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+  snprintf(when + n, sizeof(when) - n, ".%03ldZ", ts.tv_nsec / 1000000);
+  gw_jbuf_init(j, buf, cap);
+  gw_jbuf_str(j, "ts", when);
+  gw_jbuf_str(j, "level", level);
+  if (msg)
+    gw_jbuf_str(j, "msg", msg);
+}
+
+static void write_all(const char *p, size_t n)
+{
+  while (n > 0) {
+    ssize_t w = write(STDERR_FILENO, p, n);
+    if (w <= 0)
+      return; /* nowhere to report a failing stderr */
+    p += w;
+    n -= (size_t)w;
+  }
+}
+
+void gw_log_emit(struct gw_jbuf *j)
+{
+  size_t n = gw_jbuf_end(j);
+  write_all(j->p, n);
+}
+
+void gw_logf(const char *level, const char *fmt, ...)
+{
+  char msg[1024], line[GW_LOG_LINE_MAX];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  struct gw_jbuf j;
+  gw_log_begin(&j, line, sizeof(line), level, msg);
+  gw_log_emit(&j);
+}
+
+char *gw_logbuf_reserve(struct gw_logbuf *b)
+{
+  if (b->len + GW_LOG_LINE_MAX > sizeof(b->buf))
+    gw_logbuf_flush(b);
+  return b->buf + b->len;
+}
+
+void gw_logbuf_commit(struct gw_logbuf *b, size_t n) { b->len += n; }
+
+void gw_logbuf_flush(struct gw_logbuf *b)
+{
+  /* Write in pieces of whole lines no larger than PIPE_BUF so writes stay atomic. */
+  size_t off = 0;
+  while (off < b->len) {
+    size_t end = off;
+    while (end < b->len) {
+      const char *nl = memchr(b->buf + end, '\n', b->len - end);
+      size_t next = nl ? (size_t)(nl - b->buf) + 1 : b->len;
+      if (next - off > GW_LOG_LINE_MAX && end > off)
+        break;
+      end = next;
+      if (end - off >= GW_LOG_LINE_MAX)
+        break;
+    }
+    write_all(b->buf + off, end - off);
+    off = end;
+  }
+  b->len = 0;
+}

@@ -1,0 +1,143 @@
+/*
+ * The gateway program (API.md section 1): load and validate the config, start the data plane
+ * engine and the control listener, then wait for signals in the main thread. SIGHUP reloads the
+ * file (a bad file is logged and the running config stays), SIGTERM and SIGINT drain gracefully
+ * within shutdown_grace_ms and exit 0.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "config.h"
+#include "control.h"
+#include "engine.h"
+#include "log.h"
+
+static void usage(FILE *f)
+{
+  fprintf(f, "usage: gateway -c FILE            run a node\n"
+             "       gateway --check-config -c FILE   validate FILE and exit 0, or 1 with one\n"
+             "                                        line per problem\n"
+             "       gateway --version                print the version\n");
+}
+
+static void report(const struct gw_config_errors *errs, bool as_log)
+{
+  for (size_t i = 0; i < errs->count; i++) {
+    if (as_log)
+      gw_logf("error", "%s", errs->lines[i]);
+    else
+      printf("%s\n", errs->lines[i]);
+  }
+  if (errs->dropped) {
+    if (as_log)
+      gw_logf("error", "and %zu more problems", errs->dropped);
+    else
+      printf("and %zu more problems\n", errs->dropped);
+  }
+}
+
+static void raise_fd_limit(void)
+{
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+int main(int argc, char **argv)
+{
+  const char *path = NULL;
+  bool check = false;
+  for (int i = 1; i < argc; i++) {
+    if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
+      path = argv[++i];
+    } else if (strcmp(argv[i], "--check-config") == 0) {
+      check = true;
+    } else if (strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-v") == 0) {
+      printf("gateway %s\n", GW_VERSION);
+      return 0;
+    } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+      usage(stdout);
+      return 0;
+    } else {
+      fprintf(stderr, "gateway: unknown argument %s\n", argv[i]);
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (!path) {
+    usage(stderr);
+    return 2;
+  }
+
+  static struct gw_config_errors errs;
+  struct gw_config *cfg = gw_config_load(path, &errs);
+  if (check) {
+    if (!cfg) {
+      report(&errs, false);
+      return 1;
+    }
+    printf("config ok: %zu routes\n", cfg->route_count);
+    gw_config_unref(cfg);
+    return 0;
+  }
+  if (!cfg) {
+    report(&errs, true);
+    return 1;
+  }
+
+  /* Signals go to this thread only: block them before any other thread starts. */
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  raise_fd_limit();
+
+  struct gw_engine *eng = NULL;
+  if (gw_engine_start(&eng, cfg) != 0)
+    return 1;
+  struct gw_control *ctl = NULL;
+  if (gw_control_start(&ctl, &cfg->api_listen, eng) != 0)
+    return 1;
+  gw_logf("info", "gateway %s node %s serving on %s (control %s), %zu routes", GW_VERSION,
+          cfg->node_id, cfg->listen.text, cfg->api_listen.text, cfg->route_count);
+
+  for (;;) {
+    int sig;
+    if (sigwait(&set, &sig) != 0)
+      continue;
+    if (sig == SIGHUP) {
+      struct gw_config *next = gw_config_load(path, &errs);
+      if (!next) {
+        gw_logf("error", "reload rejected: keeping the running config");
+        report(&errs, true);
+        continue;
+      }
+      if (strcmp(next->listen.text, cfg->listen.text) != 0 ||
+          strcmp(next->api_listen.text, cfg->api_listen.text) != 0)
+        gw_logf("warn", "listen addresses change only on restart");
+      gw_engine_set_config(eng, next);
+      gw_config_unref(cfg);
+      cfg = next;
+      gw_logf("info", "config reloaded: %zu routes", cfg->route_count);
+      continue;
+    }
+    gw_logf("info", "%s: draining (at most %llu ms)", sig == SIGINT ? "SIGINT" : "SIGTERM",
+            (unsigned long long)cfg->shutdown_grace_ms);
+    break;
+  }
+  gw_engine_drain(eng, cfg->shutdown_grace_ms);
+  gw_control_stop(ctl);
+  gw_engine_free(eng);
+  gw_config_unref(cfg);
+  gw_logf("info", "stopped");
+  return 0;
+}
