@@ -79,6 +79,13 @@ int gw_status_set_add(struct gw_status_set *set, int status);
 /* Whether status is in set (false for anything outside 100..599). */
 bool gw_status_set_has(const struct gw_status_set *set, int status);
 
+/* How one try at the upstream ended (the breaker, retry and degradation all classify it). */
+enum gw_try_result {
+  GW_TRY_RESPONSE = 0,        /* a response arrived; its status decides */
+  GW_TRY_CONNECT_FAILURE = 1, /* no connection: the upstream never saw the request */
+  GW_TRY_TIMEOUT = 2,         /* sent, but no complete response in time */
+};
+
 /* ns rounded up to whole seconds (for Retry-After and RateLimit t=). */
 static inline uint64_t gw_ns_to_s_ceil(uint64_t ns)
 {
