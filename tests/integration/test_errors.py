@@ -100,7 +100,8 @@ class ErrorsTest(harness.Case):
         self.assertEqual(r.status, 200, r)
 
     def test_upstream_closing_without_reply_is_a_502(self):
-        self.up.fail(count=1, status=0)
+        # Two closes: libcurl transparently retries once when a reused connection dies.
+        self.up.fail(count=2, status=0)
         r = self.gw.get("/ok/echo/closed")
         self.up.reset()
         self.assertEqual(r.status, 502, r)
@@ -118,10 +119,10 @@ class ErrorsTest(harness.Case):
 
     # --- malformed requests ----------------------------------------------------------------
 
-    def check_malformed(self, data, name):
+    def check_malformed(self, data, name, also=()):
         out, closed = harness.raw_exchange(self.gw.port, data, timeout=3)
         st = harness.status_of(out)
-        ok = (st is not None and 400 <= st < 500) or (st is None and closed)
+        ok = (st is not None and (400 <= st < 500 or st in also)) or (st is None and closed)
         self.assertTrue(ok, "%s: got %r (closed=%s)" % (name, out[:200], closed))
         self.assertServing()
 
@@ -134,10 +135,15 @@ class ErrorsTest(harness.Case):
             ("no version", b"GET /ok/x\r\nHost: x\r\n\r\n\r\n"),
             ("bad version", b"GET /ok/x HTTP/9.9\r\nHost: x\r\n\r\n"),
             ("spaces", b"G E T /ok/x HTTP/1.1\r\nHost: x\r\n\r\n"),
-            ("nul in target", b"GET /ok/\x00x HTTP/1.1\r\nHost: x\r\n\r\n"),
         ]:
             with self.subTest(case=name):
-                self.check_malformed(data, name)
+                # 505 is the precise answer to an unsupported version (RFC 9110 section 15.6.6).
+                self.check_malformed(data, name, also=(505,))
+
+    def test_nul_in_target(self):
+        # A NUL byte is not allowed in a request target (RFC 9112 section 3.2); forwarding a
+        # target cut short at the NUL would route and proxy a different request.
+        self.check_malformed(b"GET /ok/\x00x HTTP/1.1\r\nHost: x\r\n\r\n", "nul in target")
 
     def test_bad_headers(self):
         for name, data in [
