@@ -26,7 +26,8 @@
   X(FULL, "store_full", "the store has reached its configured bound")                         \
   X(TOO_LARGE, "too_large", "the item is larger than the store accepts")                      \
   X(STALE, "stale_claim", "the claim no longer owns its record")                              \
-  X(NOT_FOUND, "not_found", "no such entry")
+  X(NOT_FOUND, "not_found", "no such entry")                                                  \
+  X(BAD_VALUE, "invalid_value", "the value cannot be parsed")
 
 enum gw_policy_err {
   GW_POLICY_OK = 0,
