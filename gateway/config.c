@@ -437,6 +437,34 @@ static bool parse_target(const char *url, struct gw_target *t)
     if (ch <= 0x20 || ch >= 0x7f || ch == '@' || ch == '\\')
       return false;
   }
+  /* host[:port] with a non-empty host and, when present, a port from 1 to 65535. */
+  const char *hend = rest + hostlen;
+  const char *colon = NULL;
+  if (rest[0] == '[') {
+    const char *rb = memchr(rest, ']', hostlen);
+    if (!rb || rb == rest + 1)
+      return false;
+    if (rb + 1 < hend && rb[1] != ':')
+      return false;
+    colon = rb + 1 < hend ? rb + 1 : NULL;
+  } else {
+    colon = memchr(rest, ':', hostlen);
+    if (colon == rest)
+      return false;
+  }
+  if (colon) {
+    size_t pl0 = (size_t)(hend - colon - 1);
+    if (pl0 == 0 || pl0 > 5)
+      return false;
+    long port = 0;
+    for (const char *p = colon + 1; p < hend; p++) {
+      if (*p < '0' || *p > '9')
+        return false;
+      port = port * 10 + (*p - '0');
+    }
+    if (port < 1 || port > 65535)
+      return false;
+  }
   const char *path = rest + hostlen;
   if (strpbrk(path, "?# \t\r\n"))
     return false;
@@ -862,6 +890,7 @@ static void parse_node(struct ctx *c, const cJSON *o, struct gw_config *cfg)
                                      "max_connections",
                                      "workers",
                                      "idle_timeout_ms",
+                                     "max_response_bytes",
                                      NULL};
   if (!check_object(c, o, "node", keys))
     return;
@@ -878,6 +907,7 @@ static void parse_node(struct ctx *c, const cJSON *o, struct gw_config *cfg)
   get_int(c, o, "max_body_bytes", 0, 1ull << 30, false, &cfg->max_body_bytes);
   get_u32(c, o, "max_connections", 1, 10000000, false, &cfg->max_connections);
   get_u32(c, o, "workers", 1, 256, false, &cfg->workers);
+  get_int(c, o, "max_response_bytes", 1024, 1ull << 31, false, &cfg->max_response_bytes);
   get_int(c, o, "idle_timeout_ms", 1000, 3600000, false, &cfg->idle_timeout_ms);
   pop(c, old);
 }
@@ -1043,6 +1073,7 @@ struct gw_config *gw_config_parse(const char *text, size_t len, struct gw_config
   parse_addr("127.0.0.1:9090", &cfg->api_listen);
   cfg->shutdown_grace_ms = 10000;
   cfg->max_body_bytes = 1048576;
+  cfg->max_response_bytes = 8u << 20;
   cfg->max_connections = 20000;
   cfg->idle_timeout_ms = 75000;
   cfg->backend = GW_BACKEND_MEMORY;

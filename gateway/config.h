@@ -179,7 +179,8 @@ struct gw_config {
   struct gw_addr api_listen;
   char data_dir[1024];
   uint64_t shutdown_grace_ms;
-  uint64_t max_body_bytes;
+  uint64_t max_body_bytes;     /* request bodies */
+  uint64_t max_response_bytes; /* upstream responses, buffered whole */
   uint32_t max_connections;
   uint32_t workers;            /* 0: one per core */
   uint64_t idle_timeout_ms;    /* keep-alive idle connections are closed after this */

@@ -108,6 +108,7 @@ struct req {
   struct buf target_raw; /* the request target as received, NUL-terminated */
   size_t path_len;       /* bytes of target_raw before '?' */
   struct buf body;
+  size_t body_sent; /* bytes of body handed to curl (streamed bodies) */
   bool has_body;
   bool body_too_large;
   char request_id[208];
@@ -366,7 +367,7 @@ static size_t on_resp_body(char *data, size_t size, size_t n, void *userp)
 {
   struct req *r = userp;
   size_t len = size * n;
-  if (r->resp_body.len + len > r->cfg->max_body_bytes) {
+  if (r->resp_body.len + len > r->cfg->max_response_bytes) {
     r->resp_too_large = true;
     return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
   }
@@ -438,6 +439,33 @@ static enum MHD_Result forward_header(void *cls, enum MHD_ValueKind kind, const 
   if (!slist_add(r, key, strlen(key), value))
     hw->failed = true;
   return hw->failed ? MHD_NO : MHD_YES;
+}
+
+/* RFC 9110 section 9.2.2. */
+static bool method_is_idempotent(const char *m)
+{
+  return !strcmp(m, "GET") || !strcmp(m, "HEAD") || !strcmp(m, "OPTIONS") ||
+         !strcmp(m, "TRACE") || !strcmp(m, "PUT") || !strcmp(m, "DELETE");
+}
+
+static size_t read_body(char *dst, size_t size, size_t n, void *userp)
+{
+  struct req *r = userp;
+  size_t want = size * n, left = r->body.len - r->body_sent;
+  if (want > left)
+    want = left;
+  if (want)
+    memcpy(dst, r->body.p + r->body_sent, want);
+  r->body_sent += want;
+  return want;
+}
+
+static int refuse_seek(void *userp, curl_off_t offset, int origin)
+{
+  struct req *r = userp;
+  if (offset == 0 && origin == SEEK_SET && r->body_sent == 0)
+    return CURL_SEEKFUNC_OK; /* nothing was sent yet */
+  return CURL_SEEKFUNC_CANTSEEK;
 }
 
 static int pick_target(struct gw_route *rt)
@@ -541,7 +569,20 @@ static int start_upstream(struct req *r)
     curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
   } else if (r->has_body) {
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body.len);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body.p ? r->body.p : "");
+    if (method_is_idempotent(r->method)) {
+      curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body.p ? r->body.p : "");
+    } else {
+      /* curl silently resends a request once when a reused connection dies before any reply.
+       * For a method that is not idempotent the upstream may already have acted, so the body
+       * is streamed from a source that cannot rewind: the resend fails and the client gets a
+       * 502 instead of a second execution. */
+      r->body_sent = 0;
+      curl_easy_setopt(e, CURLOPT_POST, 1L);
+      curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
+      curl_easy_setopt(e, CURLOPT_READDATA, r);
+      curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, refuse_seek);
+      curl_easy_setopt(e, CURLOPT_SEEKDATA, r);
+    }
     if (strcmp(r->method, "POST") != 0)
       curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, r->method);
   } else if (strcmp(r->method, "GET") != 0) {
@@ -587,9 +628,11 @@ static void finish_upstream(struct worker *w, struct req *r, CURLcode rc)
   } else if (r->resp_too_large) {
     r->err = GW_EUPSTREAM_RESPONSE_TOO_LARGE;
   } else if (rc == CURLE_OPERATION_TIMEDOUT) {
-    curl_off_t connected = 0;
-    curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME_T, &connected);
-    r->err = connected > 0 ? GW_EUPSTREAM_TIMEOUT : GW_EUPSTREAM_UNAVAILABLE;
+    /* Pre-transfer time stays 0 until a connection (new or reused) is ready: a timeout
+     * before that is a failed connect, after it the upstream was too slow. */
+    curl_off_t ready = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &ready);
+    r->err = ready > 0 ? GW_EUPSTREAM_TIMEOUT : GW_EUPSTREAM_UNAVAILABLE;
   } else {
     r->err = GW_EUPSTREAM_UNAVAILABLE;
   }
@@ -680,6 +723,23 @@ static void set_client_ip(struct req *r)
     snprintf(r->client_ip, sizeof(r->client_ip), "unknown");
 }
 
+struct framing {
+  int lengths;
+  bool conflict;
+  const char *first;
+};
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+  struct framing *f = cls;
+  if (strcasecmp(key, "Content-Length") == 0) {
+    if (f->lengths++ > 0 && (!value || !f->first || strcmp(value, f->first) != 0))
+      f->conflict = true;
+  }
+  return MHD_YES;
+}
+
 /* First call for a request: route, limits, ids. Returns 0 or a gw_err to answer with. */
 static int begin_request(struct req *r)
 {
@@ -699,6 +759,11 @@ static int begin_request(struct req *r)
     return GW_EROUTE_NOT_FOUND;
   const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
   const char *te = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Transfer-Encoding");
+  /* RFC 9112 section 6.3: conflicting framing is an error (and a smuggling vector). */
+  struct framing f = {0, 0, cl};
+  MHD_get_connection_values(r->conn, MHD_HEADER_KIND, count_framing, &f);
+  if (f.conflict || (cl && te))
+    return GW_EINVALID;
   if (cl) {
     char *end;
     errno = 0;

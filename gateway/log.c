@@ -30,7 +30,7 @@ static void put(struct gw_jbuf *j, const char *s, size_t n)
   j->len += n;
 }
 
-size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n)
+size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n, size_t *consumed)
 {
   static const char hex[] = "0123456789abcdef";
   size_t o = 0;
@@ -54,11 +54,15 @@ size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n)
       esc[0] = (char)ch;
       el = 1;
     }
-    if (o + el > cap)
+    if (o + el > cap) {
+      n = i;
       break;
+    }
     memcpy(out + o, esc, el);
     o += el;
   }
+  if (consumed)
+    *consumed = n;
   return o;
 }
 
@@ -82,7 +86,12 @@ void gw_jbuf_strn(struct gw_jbuf *j, const char *k, const char *val, size_t n)
   put(j, "\"", 1);
   if (j->len + 3 < j->cap) {
     size_t room = j->cap - j->len - 3;
-    j->len += gw_json_escape(j->p + j->len, room, val, n);
+    size_t used;
+    j->len += gw_json_escape(j->p + j->len, room, val, n, &used);
+    if (used < n)
+      j->overflow = true;
+  } else {
+    j->overflow = true;
   }
   put(j, "\"", 1);
 }

@@ -27,8 +27,11 @@ void gw_jbuf_int(struct gw_jbuf *j, const char *key, long long val);
 void gw_jbuf_num(struct gw_jbuf *j, const char *key, double val);
 /* Close the object and add '\n'; returns the line length. */
 size_t gw_jbuf_end(struct gw_jbuf *j);
-/* Write val as a JSON string body (no quotes) into out; returns bytes written (cap-limited). */
-size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n);
+/*
+ * Write val (n bytes) as a JSON string body (no quotes) into out, at most cap bytes. Returns the
+ * bytes written; *consumed (may be NULL) gets how many input bytes fit.
+ */
+size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n, size_t *consumed);
 
 /* Start a log line with "ts", "level" and "msg". */
 void gw_log_begin(struct gw_jbuf *j, char *buf, size_t cap, const char *level, const char *msg);
