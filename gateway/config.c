@@ -214,18 +214,9 @@ static bool get_enum(struct ctx *c, const cJSON *obj, const char *key, const cha
   return false;
 }
 
-bool gw_status_set_has(const struct gw_status_set *s, int status)
-{
-  if (status < 100 || status > 599)
-    return false;
-  unsigned i = (unsigned)(status - 100);
-  return (s->bits[i / 64] >> (i % 64)) & 1;
-}
-
 static void status_set_add(struct gw_status_set *s, int status)
 {
-  unsigned i = (unsigned)(status - 100);
-  s->bits[i / 64] |= 1ull << (i % 64);
+  gw_status_set_add(s, status); /* callers pass 100..599 only */
 }
 
 static bool get_statuses(struct ctx *c, const cJSON *obj, const char *key,
@@ -526,7 +517,7 @@ static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_token_bu
   tb->max_keys = 100000;
   int scope = 0;
   get_int(c, o, "capacity", 1, 1000000000, true, &tb->capacity);
-  get_num(c, o, "refill_per_sec", 0, 1e9, true, true, &tb->refill_per_sec);
+  get_int(c, o, "refill_per_sec", 1, 1000000000, true, &tb->refill_per_sec);
   parse_key(c, o, &tb->key);
   get_enum(c, o, "scope", scope_names, &scope);
   get_u32(c, o, "max_keys", 1, 10000000, false, &tb->max_keys);

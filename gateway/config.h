@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "policy.h" /* struct gw_status_set */
+
 #define GW_CONFIG_MAX_ERRORS 64
 #define GW_CONFIG_MAX_ROUTES 4096
 #define GW_CONFIG_MAX_TARGETS 64
@@ -50,11 +52,6 @@ enum {
   GW_DEGRADE_STALE = 1 << 5,
 };
 
-/* A set of HTTP status codes 100..599. */
-struct gw_status_set {
-  uint64_t bits[10];
-};
-bool gw_status_set_has(const struct gw_status_set *s, int status);
 
 struct gw_limit_key {
   enum gw_key_kind kind;
@@ -64,7 +61,7 @@ struct gw_limit_key {
 struct gw_token_bucket_conf {
   bool enabled;
   uint64_t capacity;
-  double refill_per_sec;
+  uint64_t refill_per_sec;
   struct gw_limit_key key;
   enum gw_scope scope;
   uint32_t max_keys;
