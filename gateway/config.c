@@ -516,8 +516,8 @@ static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_token_bu
   tb->enabled = true;
   tb->max_keys = 100000;
   int scope = 0;
-  get_int(c, o, "capacity", 1, 1000000000, true, &tb->capacity);
-  get_int(c, o, "refill_per_sec", 1, 1000000000, true, &tb->refill_per_sec);
+  get_int(c, o, "capacity", 1, GW_TOKEN_BUCKET_CAPACITY_MAX, true, &tb->c.capacity);
+  get_int(c, o, "refill_per_sec", 1, GW_TOKEN_BUCKET_REFILL_MAX, true, &tb->c.refill_per_sec);
   parse_key(c, o, &tb->key);
   get_enum(c, o, "scope", scope_names, &scope);
   get_u32(c, o, "max_keys", 1, 10000000, false, &tb->max_keys);
@@ -532,15 +532,18 @@ static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_slidin
   sw->enabled = true;
   sw->max_keys = 100000;
   int scope = 0;
-  get_int(c, o, "limit", 1, 10000000, true, &sw->limit);
-  get_int(c, o, "window_ms", 1, 86400000, true, &sw->window_ms);
+  get_int(c, o, "limit", 1, 10000000, true, &sw->c.limit);
+  get_int(c, o, "window_ms", 1, GW_SLIDING_WINDOW_MS_MAX, true, &sw->c.window_ms);
+  /* Admission times rounded up to 1 ms (never early, so never over the limit); a window
+   * shorter than 1 ms keeps every nanosecond. */
+  sw->c.granularity_ns = sw->c.window_ms > 1 ? GW_NS_PER_MS : 1;
   parse_key(c, o, &sw->key);
   get_enum(c, o, "scope", scope_names, &scope);
   get_u32(c, o, "max_keys", 1, 10000000, false, &sw->max_keys);
   sw->scope = (enum gw_scope)scope;
 }
 
-static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf *b)
+static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf *bc)
 {
   static const char *const keys[] = {"window",        "window_size",      "min_calls",
                                      "failure_rate",  "slow_call_ms",     "slow_call_rate",
@@ -549,12 +552,13 @@ static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf 
   static const char *const windows[] = {"count", "time", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
-  b->enabled = true;
-  b->window = GW_WINDOW_COUNT;
+  struct gw_breaker_config *b = &bc->c;
+  bc->enabled = true;
+  b->window = GW_BREAKER_WINDOW_COUNT;
   b->window_size = 20;
   b->min_calls = 10;
   b->failure_rate = 0.5;
-  b->slow_call_ms = 60000;
+  b->slow_call_ms = 0; /* slow calls are not tracked unless slow_call_ms is set */
   b->slow_call_rate = 1.0;
   b->open_ms = 30000;
   b->half_open_calls = 5;
@@ -565,20 +569,20 @@ static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf 
   status_set_add(&b->failure_statuses, 504);
   int w = 0;
   get_enum(c, o, "window", windows, &w);
-  b->window = (enum gw_window_kind)w;
-  bool size_ok = get_u32(c, o, "window_size", 1, 100000, false, &b->window_size);
-  bool min_ok = get_u32(c, o, "min_calls", 1, 100000, false, &b->min_calls);
+  b->window = (enum gw_breaker_window)w;
+  bool size_ok = get_u32(c, o, "window_size", 1, GW_BREAKER_WINDOW_MAX, false, &b->window_size);
+  bool min_ok = get_u32(c, o, "min_calls", 1, GW_BREAKER_WINDOW_MAX, false, &b->min_calls);
   get_num(c, o, "failure_rate", 0, 1, true, false, &b->failure_rate);
   get_int(c, o, "slow_call_ms", 1, 3600000, false, &b->slow_call_ms);
   get_num(c, o, "slow_call_rate", 0, 1, true, false, &b->slow_call_rate);
   get_int(c, o, "open_ms", 1, 86400000, false, &b->open_ms);
   get_u32(c, o, "half_open_calls", 1, 10000, false, &b->half_open_calls);
   get_statuses(c, o, "failure_statuses", &b->failure_statuses);
-  if (size_ok && min_ok && b->window == GW_WINDOW_COUNT && b->min_calls > b->window_size)
+  if (size_ok && min_ok && b->window == GW_BREAKER_WINDOW_COUNT && b->min_calls > b->window_size)
     fail(c, "min_calls", "must not exceed window_size for a count window");
 }
 
-static void parse_retry(struct ctx *c, const cJSON *o, struct gw_retry_conf *r)
+static void parse_retry(struct ctx *c, const cJSON *o, struct gw_retry_conf *rc)
 {
   static const char *const keys[] = {"max_attempts",       "base_ms",       "max_backoff_ms",
                                      "jitter",             "per_try_timeout_ms", "on",
@@ -588,7 +592,8 @@ static void parse_retry(struct ctx *c, const cJSON *o, struct gw_retry_conf *r)
   static const char *const ons[] = {"connect_failure", "timeout", "status", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
-  r->enabled = true;
+  struct gw_retry_config *r = &rc->c;
+  rc->enabled = true;
   r->max_attempts = 3;
   r->base_ms = 50;
   r->max_backoff_ms = 2000;
@@ -602,16 +607,16 @@ static void parse_retry(struct ctx *c, const cJSON *o, struct gw_retry_conf *r)
   r->budget_percent = 20;
   r->budget_min_per_sec = 10;
   int j = GW_JITTER_FULL;
-  get_u32(c, o, "max_attempts", 1, 10, false, &r->max_attempts);
-  bool base_ok = get_int(c, o, "base_ms", 0, 600000, false, &r->base_ms);
-  bool max_ok = get_int(c, o, "max_backoff_ms", 0, 600000, false, &r->max_backoff_ms);
+  get_u32(c, o, "max_attempts", 1, GW_RETRY_MAX_ATTEMPTS, false, &r->max_attempts);
+  bool base_ok = get_int(c, o, "base_ms", 1, 600000, false, &r->base_ms);
+  bool max_ok = get_int(c, o, "max_backoff_ms", 1, 600000, false, &r->max_backoff_ms);
   get_enum(c, o, "jitter", jitters, &j);
   r->jitter = (enum gw_jitter)j;
   get_int(c, o, "per_try_timeout_ms", 1, 3600000, false, &r->per_try_timeout_ms);
   get_flags(c, o, "on", ons, &r->on);
   get_statuses(c, o, "statuses", &r->statuses);
-  get_num(c, o, "budget_percent", 0, 100, false, false, &r->budget_percent);
-  get_num(c, o, "budget_min_per_sec", 0, 1e6, false, false, &r->budget_min_per_sec);
+  get_u32(c, o, "budget_percent", 0, 100, false, &r->budget_percent);
+  get_u32(c, o, "budget_min_per_sec", 0, 1000000, false, &r->budget_min_per_sec);
   if (base_ok && max_ok && r->max_backoff_ms < r->base_ms)
     fail(c, "max_backoff_ms", "must be at least base_ms");
 }

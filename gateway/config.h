@@ -15,7 +15,11 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#include "policy.h" /* struct gw_status_set */
+#include "circuit_breaker.h"
+#include "policy.h"
+#include "retry.h"
+#include "sliding_window.h"
+#include "token_bucket.h"
 
 #define GW_CONFIG_MAX_ERRORS 64
 #define GW_CONFIG_MAX_ROUTES 4096
@@ -34,15 +38,7 @@ enum gw_balance { GW_BALANCE_ROUND_ROBIN, GW_BALANCE_LEAST_OUTSTANDING };
 enum gw_key_kind { GW_KEY_ROUTE, GW_KEY_CLIENT_IP, GW_KEY_HEADER };
 enum gw_scope { GW_SCOPE_LOCAL, GW_SCOPE_CLUSTER };
 enum gw_backend_type { GW_BACKEND_MEMORY, GW_BACKEND_RAFT, GW_BACKEND_REDIS };
-enum gw_jitter { GW_JITTER_NONE, GW_JITTER_FULL, GW_JITTER_EQUAL, GW_JITTER_DECORRELATED };
-enum gw_window_kind { GW_WINDOW_COUNT, GW_WINDOW_TIME };
-
-/* Bit sets for the "on" lists. */
-enum {
-  GW_RETRY_ON_CONNECT_FAILURE = 1 << 0,
-  GW_RETRY_ON_TIMEOUT = 1 << 1,
-  GW_RETRY_ON_STATUS = 1 << 2,
-};
+/* Bits of the degradation "on" list. */
 enum {
   GW_DEGRADE_CIRCUIT_OPEN = 1 << 0,
   GW_DEGRADE_UPSTREAM_ERROR = 1 << 1,
@@ -58,10 +54,10 @@ struct gw_limit_key {
   char header[128]; /* for GW_KEY_HEADER */
 };
 
+/* The policies of a route, as the policies/ modules take them, with what the gateway adds. */
 struct gw_token_bucket_conf {
   bool enabled;
-  uint64_t capacity;
-  uint64_t refill_per_sec;
+  struct gw_token_bucket_config c;
   struct gw_limit_key key;
   enum gw_scope scope;
   uint32_t max_keys;
@@ -69,8 +65,7 @@ struct gw_token_bucket_conf {
 
 struct gw_sliding_window_conf {
   bool enabled;
-  uint64_t limit;
-  uint64_t window_ms;
+  struct gw_sliding_window_config c;
   struct gw_limit_key key;
   enum gw_scope scope;
   uint32_t max_keys;
@@ -78,28 +73,12 @@ struct gw_sliding_window_conf {
 
 struct gw_breaker_conf {
   bool enabled;
-  enum gw_window_kind window;
-  uint32_t window_size; /* calls (count) or seconds (time) */
-  uint32_t min_calls;
-  double failure_rate;
-  uint64_t slow_call_ms;
-  double slow_call_rate;
-  uint64_t open_ms;
-  uint32_t half_open_calls;
-  struct gw_status_set failure_statuses;
+  struct gw_breaker_config c;
 };
 
 struct gw_retry_conf {
   bool enabled;
-  uint32_t max_attempts;
-  uint64_t base_ms;
-  uint64_t max_backoff_ms;
-  enum gw_jitter jitter;
-  uint64_t per_try_timeout_ms; /* 0: none beyond upstream.timeout_ms */
-  unsigned on;                 /* GW_RETRY_ON_* */
-  struct gw_status_set statuses;
-  double budget_percent;
-  double budget_min_per_sec;
+  struct gw_retry_config c;
 };
 
 struct gw_header_pair {

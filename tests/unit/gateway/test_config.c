@@ -87,9 +87,10 @@ static void full_example_of_the_contract_loads(void **state)
   assert_true(r->token_bucket.enabled);
   assert_int_equal(r->sliding_window.key.kind, GW_KEY_CLIENT_IP);
   assert_int_equal(r->sliding_window.scope, GW_SCOPE_CLUSTER);
-  assert_true(gw_status_set_has(&r->breaker.failure_statuses, 503));
-  assert_false(gw_status_set_has(&r->breaker.failure_statuses, 501));
-  assert_int_equal(r->retry.max_attempts, 3);
+  assert_true(gw_status_set_has(&r->breaker.c.failure_statuses, 503));
+  assert_false(gw_status_set_has(&r->breaker.c.failure_statuses, 501));
+  assert_int_equal(r->retry.c.max_attempts, 3);
+  assert_int_equal(r->token_bucket.c.refill_per_sec, 50);
   assert_string_equal(r->degradation.fallback_body, "{\"items\":[],\"degraded\":true}");
   assert_int_equal(r->idempotency.method_count, 2);
   assert_string_equal(c->admin_token, "t");
@@ -130,6 +131,8 @@ static void out_of_range_values_are_rejected(void **state)
 {
   assert_rejected(ROUTE(",\"policies\":{\"retry\":{\"max_attempts\":11}}"),
                   "routes[0].policies.retry.max_attempts", "must be an integer from 1 to 10");
+  assert_rejected(ROUTE(",\"policies\":{\"retry\":{\"budget_percent\":101}}"),
+                  "routes[0].policies.retry.budget_percent", "from 0 to 100");
   assert_rejected(ROUTE(",\"policies\":{\"circuit_breaker\":{\"failure_rate\":1.5}}"),
                   "routes[0].policies.circuit_breaker.failure_rate", "at most 1");
   assert_rejected(ROUTE(",\"policies\":{\"circuit_breaker\":{\"failure_statuses\":[500,700]}}"),
