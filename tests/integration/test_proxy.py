@@ -273,6 +273,18 @@ class ProxyTest(harness.Case):
             self.assertNotIn(h, names, e)
         self.assertEqual(header_values(e, "x-end-to-end"), ["kept"])
 
+    def test_hop_by_hop_response_headers_are_not_forwarded(self):
+        q = ("Connection=X-Resp-Hop&X-Resp-Hop=1&Keep-Alive=timeout%3D5&Trailer=X-T"
+             "&Upgrade=example%2F1&Proxy-Authenticate=Basic&X-Kept=yes")
+        r = self.gw.get("/strip/headers?" + q)
+        self.assertEqual(r.status, 200, r)
+        names = [k.lower() for k, _ in r.headers]
+        for h in ["x-resp-hop", "keep-alive", "trailer", "upgrade", "proxy-authenticate"]:
+            self.assertNotIn(h, names, r)
+        self.assertNotIn("x-resp-hop", " ".join(r.header_all("Connection")).lower(), r)
+        self.assertEqual(r.header("X-Kept"), "yes", r)
+        self.assertEqual(r.body, b"headers\n")
+
     def test_x_forwarded_for_is_appended(self):
         _, e = self.echo("GET", "/echo/xff", headers=[("X-Forwarded-For", "203.0.113.9")])
         vals = ",".join(header_values(e, "x-forwarded-for"))

@@ -14,6 +14,7 @@
  *                       resumes it, so no worker thread ever sleeps
  *   /cookies            three Set-Cookie and two X-Multi response headers
  *   /size/N             N bytes of 'x'
+ *   /headers?K=V&...    200 with each (percent-decoded) K: V added as a response header
  *   /__control/fail     POST {"count","status","retry_after","delay_ms"}: script failures
  *   /__control/stats    GET counters; /__control/reset POST clears counters and scripts
  *   anything else       a JSON echo of the request
@@ -349,6 +350,75 @@ static enum MHD_Result send_size(struct MHD_Connection *conn, const char *arg, s
 	return send_buffer(conn, 200, "application/octet-stream", buf, (size_t)n, -1);
 }
 
+static int hex_value(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Percent-decodes s[0..len) ('+' is a space) into a new string; NULL if it holds a NUL. */
+static char *decode_component(const char *s, size_t len)
+{
+	char *out = malloc(len + 1);
+	size_t n = 0;
+	if (out == NULL)
+		return NULL;
+	for (size_t i = 0; i < len; i++) {
+		int hi, lo;
+		if (s[i] == '%' && i + 2 < len && (hi = hex_value(s[i + 1])) >= 0 &&
+		    (lo = hex_value(s[i + 2])) >= 0) {
+			out[n++] = (char)(hi * 16 + lo);
+			i += 2;
+		} else {
+			out[n++] = s[i] == '+' ? ' ' : s[i];
+		}
+	}
+	out[n] = '\0';
+	if (strlen(out) != n) {
+		free(out);
+		return NULL;
+	}
+	return out;
+}
+
+/* Replies 200 with the response headers named in the query string (at most 64). */
+static enum MHD_Result send_headers(struct MHD_Connection *conn, const struct request *req)
+{
+	static const char body[] = "headers\n";
+	struct MHD_Response *resp = MHD_create_response_from_buffer(
+		sizeof(body) - 1, (void *)body, MHD_RESPMEM_PERSISTENT);
+	if (resp == NULL)
+		return MHD_NO;
+	MHD_add_response_header(resp, "Upstream-Name", g_name);
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain");
+	const char *q = memchr(req->target, '?', req->target_len);
+	const char *p = q != NULL ? q + 1 : NULL;
+	int added = 0;
+	while (p != NULL && *p != '\0' && added < 64) {
+		const char *end = strchr(p, '&');
+		size_t plen = end != NULL ? (size_t)(end - p) : strlen(p);
+		const char *eq = memchr(p, '=', plen);
+		if (eq != NULL && eq > p) {
+			char *k = decode_component(p, (size_t)(eq - p));
+			char *v = decode_component(eq + 1, plen - (size_t)(eq - p) - 1);
+			/* MHD refuses names or values with CR, LF or (in names) ':' and spaces. */
+			if (k != NULL && v != NULL && MHD_add_response_header(resp, k, v) == MHD_YES)
+				added++;
+			free(k);
+			free(v);
+		}
+		p = end != NULL ? end + 1 : NULL;
+	}
+	enum MHD_Result ret = MHD_queue_response(conn, 200, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
 /* Finds "name=value" in a raw query string; the value is not decoded. */
 static bool query_param(const char *query, const char *name, const char **val, size_t *len)
 {
@@ -516,6 +586,8 @@ static enum MHD_Result route(struct MHD_Connection *conn, const char *method,
 		return send_cookies(conn);
 	if (has_prefix(t, plen, "/size/", 6))
 		return send_size(conn, t + 6, plen - 6);
+	if (plen == 8 && memcmp(t, "/headers", 8) == 0)
+		return send_headers(conn, req);
 	return send_echo(conn, method, req);
 }
 
