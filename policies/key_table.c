@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define NIL UINT32_MAX
 
@@ -25,9 +26,11 @@ struct gw_key_table {
   struct gw_key_table_config cfg;
   struct gw_hash_key digest_key[2];
   uint8_t *slots;
+  size_t slots_bytes; /* mapped length of slots */
   size_t stride;
   size_t value_off;
   uint32_t *buckets;
+  size_t buckets_bytes;
   uint32_t mask;
   uint32_t count;
   uint32_t mru; /* head of the LRU list */
@@ -70,6 +73,22 @@ size_t gw_key_table_memory_bytes(const struct gw_key_table_config *cfg)
          sizeof(struct gw_key_table);
 }
 
+/* An anonymous mapping: zero pages are handed out lazily, so unused slots cost address space
+ * only. Big arrays ask for transparent huge pages: with random keys every lookup touches a
+ * random bucket and slot, and with 4 KiB pages each such touch is also a TLB miss (a page walk,
+ * which is much dearer under virtualisation). */
+static void *map_zeroed(size_t bytes)
+{
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED)
+    return NULL;
+#ifdef MADV_HUGEPAGE
+  if (bytes >= (size_t)2 << 20)
+    (void)madvise(p, bytes, MADV_HUGEPAGE); /* advice only; failure is fine */
+#endif
+  return p;
+}
+
 int gw_key_table_create(const struct gw_key_table_config *cfg, struct gw_key_table **out)
 {
   int rc = gw_key_table_config_check(cfg);
@@ -81,15 +100,16 @@ int gw_key_table_create(const struct gw_key_table_config *cfg, struct gw_key_tab
   t->cfg = *cfg;
   t->stride = stride_of(cfg);
   t->value_off = sizeof(struct slot) + round8(cfg->key_max_bytes);
-  /* calloc: the kernel hands out zero pages lazily, so unused slots cost address space only. */
-  t->slots = calloc(cfg->max_keys, t->stride);
+  t->slots_bytes = (size_t)cfg->max_keys * t->stride;
+  t->slots = map_zeroed(t->slots_bytes);
   if (!t->slots)
     goto free_table;
   uint32_t nb = bucket_count(cfg->max_keys);
-  t->buckets = malloc(sizeof(uint32_t) * nb);
+  t->buckets_bytes = sizeof(uint32_t) * nb;
+  t->buckets = map_zeroed(t->buckets_bytes);
   if (!t->buckets)
     goto free_slots;
-  memset(t->buckets, 0xff, sizeof(uint32_t) * nb); /* all NIL */
+  memset(t->buckets, 0xff, t->buckets_bytes); /* all NIL */
   t->mask = nb - 1;
   t->mru = t->lru = t->free_head = NIL;
   t->digest_key[0] = (struct gw_hash_key){cfg->seed.k0 ^ UINT64_C(0x5bd1e9955bd1e995),
@@ -100,7 +120,7 @@ int gw_key_table_create(const struct gw_key_table_config *cfg, struct gw_key_tab
   return 0;
 
 free_slots:
-  free(t->slots);
+  munmap(t->slots, t->slots_bytes);
 free_table:
   free(t);
 fail:
@@ -111,8 +131,8 @@ void gw_key_table_destroy(struct gw_key_table *t)
 {
   if (!t)
     return;
-  free(t->buckets);
-  free(t->slots);
+  munmap(t->buckets, t->buckets_bytes);
+  munmap(t->slots, t->slots_bytes);
   free(t);
 }
 
