@@ -54,9 +54,10 @@ wait_http() {
   return 1
 }
 
-"$upstream" --listen 127.0.0.1:18080 --name demo 2>"$logdir/upstream.log" &
+# Each in its own session: Ctrl-C reaches only this script, which then stops both in order.
+setsid "$upstream" --listen 127.0.0.1:18080 --name demo 2>"$logdir/upstream.log" &
 up_pid=$!
-"$gateway" -c "$config" 2>"$logdir/gateway.log" &
+setsid "$gateway" -c "$config" 2>"$logdir/gateway.log" &
 gw_pid=$!
 
 if ! wait_http http://127.0.0.1:18080/bench 10; then
@@ -92,7 +93,8 @@ EOF
 
 # Serve until Ctrl-C or until either process exits.
 while kill -0 "$gw_pid" 2>/dev/null && kill -0 "$up_pid" 2>/dev/null; do
-  sleep 0.5
+  sleep 0.5 &
+  wait $! 2>/dev/null # returns at once when a signal arrives, so the trap runs
 done
 echo "demo: a process exited unexpectedly; last gateway log lines:" >&2
 tail -n 20 "$logdir/gateway.log" >&2
