@@ -60,6 +60,12 @@ int gw_breaker_config_check(const struct gw_breaker_config *cfg)
   return 0;
 }
 
+size_t gw_breaker_memory_bytes(const struct gw_breaker_config *cfg)
+{
+  size_t per = cfg->window == GW_BREAKER_WINDOW_COUNT ? 1 : sizeof(struct sec_bucket);
+  return sizeof(struct gw_breaker) + per * cfg->window_size;
+}
+
 int gw_breaker_create(const struct gw_breaker_config *cfg, struct gw_breaker **out)
 {
   int rc = gw_breaker_config_check(cfg);

@@ -97,6 +97,9 @@ struct gw_breaker;
 /* 0 if cfg is usable, else GW_POLICY_EINVALID_CONFIG. */
 int gw_breaker_config_check(const struct gw_breaker_config *cfg);
 
+/* Bytes one breaker with cfg allocates (struct and window). */
+size_t gw_breaker_memory_bytes(const struct gw_breaker_config *cfg);
+
 /*
  * Creates a CLOSED breaker in AUTO mode; *out owns it (gw_breaker_destroy). The config is copied.
  * Errors: GW_POLICY_EINVALID_CONFIG, GW_POLICY_ENOMEM.

@@ -17,7 +17,7 @@
  * - gw_degrade_decide: what to answer for a reason.
  * - gw_degrade_may_serve_stale: the stale-if-error rule alone (RFC 5861 gives the idea).
  *
- * Memory: about 360 bytes of state per route.
+ * Memory: 328 bytes of state per route (struct gw_degrade).
  */
 #ifndef GW_DEGRADATION_H
 #define GW_DEGRADATION_H

@@ -74,6 +74,17 @@ static void config_out_of_range_is_rejected(void **state)
   assert_null(b);
 }
 
+static void memory_bytes_grow_with_the_window(void **state)
+{
+  struct gw_breaker_config c = base_config();
+  size_t count20 = gw_breaker_memory_bytes(&c);
+  c.window_size = 120;
+  assert_int_equal(gw_breaker_memory_bytes(&c), count20 + 100);
+  c.window = GW_BREAKER_WINDOW_TIME;
+  assert_int_equal(gw_breaker_memory_bytes(&c), count20 - 20 + 12 * 120);
+  assert_true(count20 < 512);
+}
+
 static void failures_are_connect_failures_timeouts_and_listed_statuses(void **state)
 {
   struct gw_breaker_config c = base_config();
@@ -480,6 +491,7 @@ int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(config_out_of_range_is_rejected),
+      cmocka_unit_test(memory_bytes_grow_with_the_window),
       cmocka_unit_test(failures_are_connect_failures_timeouts_and_listed_statuses),
       cmocka_unit_test(breaker_stays_closed_below_min_calls),
       cmocka_unit_test(breaker_opens_exactly_when_failure_rate_reached),
