@@ -224,3 +224,140 @@ int gw_retry_after_parse_seconds(const char *value, size_t len, uint64_t *ms)
   *ms = secs * 1000;
   return 0;
 }
+
+/* ---- HTTP-date (RFC 9110 §5.6.7) ---------------------------------------------------------- */
+
+struct cursor {
+  const char *p;
+  const char *end;
+};
+
+static bool eat(struct cursor *c, const char *lit)
+{
+  size_t n = strlen(lit);
+  if ((size_t)(c->end - c->p) < n || memcmp(c->p, lit, n) != 0)
+    return false;
+  c->p += n;
+  return true;
+}
+
+/* Exactly n digits (n = 0: one or more, at most 9). */
+static bool digits(struct cursor *c, int n, int *out)
+{
+  int v = 0, got = 0;
+  while (c->p < c->end && *c->p >= '0' && *c->p <= '9' && (n == 0 ? got < 9 : got < n)) {
+    v = v * 10 + (*c->p++ - '0');
+    got++;
+  }
+  if (got == 0 || (n > 0 && got != n))
+    return false;
+  *out = v;
+  return true;
+}
+
+static int month_of(struct cursor *c)
+{
+  static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                       "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  for (int i = 0; i < 12; i++)
+    if (eat(c, months[i]))
+      return i + 1;
+  return 0;
+}
+
+static bool weekday(struct cursor *c, bool long_name)
+{
+  static const char *const shorts[] = {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"};
+  static const char *const longs[] = {"Monday", "Tuesday", "Wednesday", "Thursday",
+                                      "Friday", "Saturday", "Sunday"};
+  for (int i = 0; i < 7; i++)
+    if (eat(c, long_name ? longs[i] : shorts[i]))
+      return true;
+  return false;
+}
+
+static bool time_of_day(struct cursor *c, int *h, int *m, int *s)
+{
+  return digits(c, 2, h) && eat(c, ":") && digits(c, 2, m) && eat(c, ":") && digits(c, 2, s) &&
+         *h <= 23 && *m <= 59 && *s <= 60;
+}
+
+/* Days from 1970-01-01 to y-m-d in the proleptic Gregorian calendar (y >= 1970). */
+static int64_t days_from_civil(int64_t y, int m, int d)
+{
+  y -= m <= 2;
+  int64_t era = y / 400;
+  int64_t yoe = y - era * 400;
+  int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+  int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+  return era * 146097 + doe - 719468;
+}
+
+static bool valid_day(int y, int m, int d)
+{
+  static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+  return d >= 1 && d <= mdays[m - 1] + (m == 2 && leap);
+}
+
+int gw_http_date_parse(const char *value, size_t len, uint64_t now_unix_s, uint64_t *unix_s)
+{
+  struct cursor c = {value, value + len};
+  int y = 0, mo = 0, d = 0, h = 0, mi = 0, s = 0;
+  struct cursor save = c;
+  if (weekday(&c, false) && eat(&c, ", ")) {
+    /* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
+    if (!(digits(&c, 2, &d) && eat(&c, " ") && (mo = month_of(&c)) && eat(&c, " ") &&
+          digits(&c, 4, &y) && eat(&c, " ") && time_of_day(&c, &h, &mi, &s) && eat(&c, " GMT")))
+      return GW_POLICY_EBAD_VALUE;
+  } else if ((c = save, weekday(&c, true)) && eat(&c, ", ")) {
+    /* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT */
+    int yy;
+    if (!(digits(&c, 2, &d) && eat(&c, "-") && (mo = month_of(&c)) && eat(&c, "-") &&
+          digits(&c, 2, &yy) && eat(&c, " ") && time_of_day(&c, &h, &mi, &s) && eat(&c, " GMT")))
+      return GW_POLICY_EBAD_VALUE;
+    /* §5.6.7: a two-digit year more than 50 years in the future means the past century. */
+    int now_year = 1970 + (int)(now_unix_s / 31556952);
+    y = now_year - now_year % 100 + yy;
+    if (y > now_year + 50)
+      y -= 100;
+  } else if ((c = save, weekday(&c, false)) && eat(&c, " ")) {
+    /* asctime: Sun Nov  6 08:49:37 1994 */
+    if (!((mo = month_of(&c)) && eat(&c, " ")))
+      return GW_POLICY_EBAD_VALUE;
+    if (c.p < c.end && *c.p == ' ') {
+      c.p++;
+      if (!digits(&c, 1, &d))
+        return GW_POLICY_EBAD_VALUE;
+    } else if (!digits(&c, 2, &d)) {
+      return GW_POLICY_EBAD_VALUE;
+    }
+    if (!(eat(&c, " ") && time_of_day(&c, &h, &mi, &s) && eat(&c, " ") && digits(&c, 4, &y)))
+      return GW_POLICY_EBAD_VALUE;
+  } else {
+    return GW_POLICY_EBAD_VALUE;
+  }
+  if (c.p != c.end || y < 1970 || !valid_day(y, mo, d))
+    return GW_POLICY_EBAD_VALUE;
+  *unix_s = (uint64_t)(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s);
+  return 0;
+}
+
+int gw_retry_after_parse(const char *value, size_t len, uint64_t now_unix_s, uint64_t *ms)
+{
+  while (len > 0 && (*value == ' ' || *value == '\t')) {
+    value++;
+    len--;
+  }
+  while (len > 0 && (value[len - 1] == ' ' || value[len - 1] == '\t'))
+    len--;
+  if (len > 0 && value[0] >= '0' && value[0] <= '9')
+    return gw_retry_after_parse_seconds(value, len, ms);
+  uint64_t when;
+  int rc = gw_http_date_parse(value, len, now_unix_s, &when);
+  if (rc < 0)
+    return rc;
+  uint64_t secs = when > now_unix_s ? when - now_unix_s : 0;
+  *ms = (secs > 86400 ? 86400 : secs) * 1000;
+  return 0;
+}

@@ -166,4 +166,15 @@ bool gw_retry_budget_try_withdraw(struct gw_retry_budget *b, const struct gw_ret
  */
 int gw_retry_after_parse_seconds(const char *value, size_t len, uint64_t *ms);
 
+/*
+ * Parses a Retry-After field value in either form of RFC 9110 §10.2.3: delay-seconds, or an
+ * HTTP-date (§5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime formats a recipient must
+ * accept), turned into a delay from now_unix_s (the wall clock, seconds since the epoch; a date in
+ * the past is a delay of 0). *ms is clamped to one day. Returns 0 or GW_POLICY_EBAD_VALUE.
+ */
+int gw_retry_after_parse(const char *value, size_t len, uint64_t now_unix_s, uint64_t *ms);
+
+/* Seconds since the epoch of an HTTP-date (the three formats above); GW_POLICY_EBAD_VALUE else. */
+int gw_http_date_parse(const char *value, size_t len, uint64_t now_unix_s, uint64_t *unix_s);
+
 #endif

@@ -260,6 +260,51 @@ static void retry_after_header_value_parses_delay_seconds(void **state)
   assert_int_equal(gw_retry_after_parse_seconds(date, strlen(date), &ms), GW_POLICY_EBAD_VALUE);
 }
 
+static void http_dates_parse_in_all_three_formats(void **state)
+{
+  const uint64_t now = 1700000000; /* 2023-11-14 22:13:20 UTC */
+  const uint64_t want = 784111777; /* Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example) */
+  uint64_t t = 0;
+  const char *imf = "Sun, 06 Nov 1994 08:49:37 GMT";
+  const char *rfc850 = "Sunday, 06-Nov-94 08:49:37 GMT";
+  const char *asc = "Sun Nov  6 08:49:37 1994";
+  assert_int_equal(gw_http_date_parse(imf, strlen(imf), now, &t), 0);
+  assert_int_equal(t, want);
+  t = 0;
+  assert_int_equal(gw_http_date_parse(rfc850, strlen(rfc850), now, &t), 0);
+  assert_int_equal(t, want);
+  t = 0;
+  assert_int_equal(gw_http_date_parse(asc, strlen(asc), now, &t), 0);
+  assert_int_equal(t, want);
+  const char *leap = "Thu, 29 Feb 2024 00:00:00 GMT";
+  assert_int_equal(gw_http_date_parse(leap, strlen(leap), now, &t), 0);
+  assert_int_equal(t, 1709164800);
+  const char *bad[] = {"Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 6 Nov 1994 08:49:37 GMT",
+                       "Sun, 06 Nov 1994 08:49:37 GMT ", "Fri, 29 Feb 2023 00:00:00 GMT",
+                       "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT",
+                       "Sun, 06 Nov 1969 08:49:37 GMT", "yesterday", ""};
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+    assert_int_equal(gw_http_date_parse(bad[i], strlen(bad[i]), now, &t), GW_POLICY_EBAD_VALUE);
+}
+
+static void retry_after_date_becomes_a_delay_from_now(void **state)
+{
+  const uint64_t now = 1700000000;
+  uint64_t ms = 1;
+  const char *later = "Tue, 14 Nov 2023 22:13:50 GMT"; /* 30 s after now */
+  assert_int_equal(gw_retry_after_parse(later, strlen(later), now, &ms), 0);
+  assert_int_equal(ms, 30000);
+  const char *past = "Sun, 06 Nov 1994 08:49:37 GMT";
+  assert_int_equal(gw_retry_after_parse(past, strlen(past), now, &ms), 0);
+  assert_int_equal(ms, 0);
+  const char *far = "Fri, 01 Jan 2100 00:00:00 GMT";
+  assert_int_equal(gw_retry_after_parse(far, strlen(far), now, &ms), 0);
+  assert_int_equal(ms, 86400000);
+  assert_int_equal(gw_retry_after_parse(" 7 ", 3, now, &ms), 0);
+  assert_int_equal(ms, 7000);
+  assert_int_equal(gw_retry_after_parse("soon", 4, now, &ms), GW_POLICY_EBAD_VALUE);
+}
+
 static void per_try_timeout_is_cut_to_the_deadline(void **state)
 {
   struct gw_retry_config c = base_config();
@@ -407,6 +452,8 @@ int main(void)
       cmocka_unit_test(status_outside_statuses_is_not_retried),
       cmocka_unit_test(upstream_retry_after_replaces_backoff_up_to_max_backoff),
       cmocka_unit_test(retry_after_header_value_parses_delay_seconds),
+      cmocka_unit_test(http_dates_parse_in_all_three_formats),
+      cmocka_unit_test(retry_after_date_becomes_a_delay_from_now),
       cmocka_unit_test(per_try_timeout_is_cut_to_the_deadline),
       cmocka_unit_test(no_backoff_is_scheduled_past_the_deadline),
       cmocka_unit_test(retry_after_past_the_deadline_is_not_waited_for),
