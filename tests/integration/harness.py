@@ -46,6 +46,9 @@ def raise_nofile(want):
     return target
 
 
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "WARNING: ThreadSanitizer")
+
 _used_ports = set()
 
 
@@ -400,10 +403,22 @@ class Case(unittest.TestCase):
                 p.stop()
             except Exception:
                 pass
-        if os.environ.get("GW_KEEP_LOGS"):
+        # A sanitizer report in any process (gateway or upstream) fails the class.
+        reports = []
+        for p in cls._procs:
+            text = p.proc.log() if p.proc else ""
+            for marker in SANITIZER_MARKERS:
+                i = text.find(marker)
+                if i >= 0:
+                    reports.append("%s: %s" % (p.proc.log_path, text[max(0, i - 200):i + 3000]))
+                    break
+        keep = os.environ.get("GW_KEEP_LOGS") or reports
+        if keep:
             print("logs kept in", cls.workdir, file=sys.stderr)
         else:
             shutil.rmtree(cls.workdir, ignore_errors=True)
+        if reports:
+            raise AssertionError("sanitizer report:\n" + "\n".join(reports))
 
     @classmethod
     def upstream(cls, name, **kw):
