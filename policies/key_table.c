@@ -43,10 +43,12 @@ struct gw_key_table {
 
 static size_t round8(size_t n) { return (n + 7) & ~(size_t)7; }
 
+/* At least two buckets per key: chains average under 1.25 slots per successful lookup, and each
+ * slot visited is a likely cache miss in a big table. */
 static uint32_t bucket_count(uint32_t max_keys)
 {
-  uint32_t n = 1;
-  while (n < max_keys)
+  uint32_t n = 2;
+  while (n < 2 * (uint64_t)max_keys)
     n <<= 1;
   return n;
 }

@@ -7,7 +7,7 @@
  *
  * All memory is reserved at creation (one slot array, one bucket array; pages are touched only as
  * slots are first used); lookups, inserts and evictions allocate nothing and are O(1) on average:
- * chained hashing over a power-of-two bucket array at load factor <= 1, and an intrusive doubly
+ * chained hashing over a power-of-two bucket array at load factor <= 0.5, and an intrusive doubly
  * linked LRU list. The hash is SipHash-1-3 keyed with the caller's secret seed, so chosen keys
  * cannot be aimed at one chain. Keys longer than key_max_bytes are stored as a 128-bit SipHash
  * digest of the key (two independent keyed 64-bit hashes), so arbitrarily long header values
@@ -16,7 +16,7 @@
  * Not thread-safe: one table per worker, or a lock around each call (as the benchmark does).
  *
  * Memory: gw_key_table_memory_bytes(cfg) = max_keys * (24 + round8(key_max_bytes) +
- * round8(value_bytes)) + 4 * buckets + sizeof(table), buckets = next power of two >= max_keys.
+ * round8(value_bytes)) + 4 * buckets + sizeof(table), buckets = next power of two >= 2 * max_keys.
  */
 #ifndef GW_KEY_TABLE_H
 #define GW_KEY_TABLE_H
