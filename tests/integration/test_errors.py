@@ -184,11 +184,13 @@ class ErrorsTest(harness.Case):
 class MaxConnectionsTest(harness.Case):
     LIMIT = 6
 
+    WORKERS = 1
+
     @classmethod
     def start_class(cls):
         cls.up = cls.upstream("mc")
         cls.gw = cls.gateway([route("all", "/", [cls.up])],
-                             node={"max_connections": cls.LIMIT})
+                             node={"max_connections": cls.LIMIT, "workers": cls.WORKERS})
 
     def open_and_use(self):
         s = socket.create_connection(("127.0.0.1", self.gw.port), timeout=3)
@@ -233,6 +235,11 @@ class MaxConnectionsTest(harness.Case):
             except OSError:
                 return False
         self.assertTrue(harness.wait_until(served, 5 * harness.SLOW, 0.1))
+
+
+class MaxConnectionsManyWorkersTest(MaxConnectionsTest):
+    # The limit is for the node, however many workers share the listening port.
+    WORKERS = 3
 
 
 if __name__ == "__main__":
