@@ -8,6 +8,7 @@
 #include <cmocka.h>
 
 #include "circuit_breaker.h"
+#include "rng.h"
 
 #define S GW_NS_PER_S
 #define MS GW_NS_PER_MS
@@ -487,6 +488,72 @@ static void full_cycle_counts_every_transition(void **state)
   gw_breaker_destroy(b);
 }
 
+/* Random operations: the documented invariants hold after every step. */
+static void random_operations_keep_the_invariants(void **state)
+{
+  struct gw_rng rng;
+  gw_rng_seed(&rng, 8);
+  for (int round = 0; round < 20; round++) {
+    struct gw_breaker_config c = base_config();
+    c.window = gw_rng_below(&rng, 2) ? GW_BREAKER_WINDOW_TIME : GW_BREAKER_WINDOW_COUNT;
+    c.window_size = 1 + (uint32_t)gw_rng_below(&rng, 10);
+    c.min_calls = 1 + (uint32_t)gw_rng_below(&rng, 5);
+    c.half_open_calls = 1 + (uint32_t)gw_rng_below(&rng, 4);
+    c.open_ms = 1 + gw_rng_below(&rng, 3000);
+    c.slow_call_ms = gw_rng_below(&rng, 3) * 100;
+    struct gw_breaker *b = make(&c);
+    enum { OUT = 16 };
+    struct gw_breaker_ticket out[OUT];
+    int nout = 0;
+    uint64_t now = T0, admitted = 0, rejected = 0;
+    for (int step = 0; step < 5000; step++) {
+      now += gw_rng_below(&rng, 200 * MS);
+      uint64_t op = gw_rng_below(&rng, 100);
+      if (op < 45 && nout < OUT) {
+        if (gw_breaker_acquire(b, now, &out[nout])) {
+          nout++;
+          admitted++;
+        } else {
+          rejected++;
+        }
+      } else if (op < 90 && nout > 0) {
+        int i = (int)gw_rng_below(&rng, (uint64_t)nout);
+        if (op < 88)
+          gw_breaker_record(b, &out[i], gw_rng_below(&rng, 3) == 0, gw_rng_below(&rng, 300), now);
+        else
+          gw_breaker_cancel(b, &out[i]);
+        out[i] = out[--nout];
+      } else if (op == 99) {
+        gw_breaker_set_mode(b, (enum gw_breaker_mode)gw_rng_below(&rng, 3), now);
+      }
+      struct gw_breaker_snapshot s;
+      gw_breaker_snapshot(b, now, &s);
+      assert_int_equal(s.admitted, admitted);
+      assert_int_equal(s.rejected, rejected);
+      assert_true(s.window_failures <= s.window_calls);
+      assert_true(s.window_slow <= s.window_calls);
+      if (c.window == GW_BREAKER_WINDOW_COUNT)
+        assert_true(s.window_calls <= c.window_size);
+      if (s.state != GW_BREAKER_HALF_OPEN)
+        assert_int_equal(s.trials_admitted, 0);
+      assert_true(s.trials_admitted <= c.half_open_calls);
+      assert_true(s.trials_done <= s.trials_admitted);
+      assert_true(s.trial_failures <= s.trials_done);
+      if (s.state != GW_BREAKER_CLOSED)
+        assert_int_equal(s.window_calls, 0);
+      if (s.mode == GW_BREAKER_AUTO && s.state == GW_BREAKER_OPEN)
+        assert_true(s.open_remaining_ms >= 1 && s.open_remaining_ms <= c.open_ms);
+      /* a closed, auto breaker never stays past its thresholds */
+      if (s.mode == GW_BREAKER_AUTO && s.state == GW_BREAKER_CLOSED &&
+          s.window_calls >= c.min_calls && c.window == GW_BREAKER_WINDOW_COUNT)
+        assert_true(s.failure_rate_ppm < 500000);
+    }
+    while (nout > 0)
+      gw_breaker_cancel(b, &out[--nout]);
+    gw_breaker_destroy(b);
+  }
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -511,6 +578,7 @@ int main(void)
       cmocka_unit_test(time_window_counts_only_the_last_window_seconds),
       cmocka_unit_test(time_window_after_long_idle_starts_empty),
       cmocka_unit_test(full_cycle_counts_every_transition),
+      cmocka_unit_test(random_operations_keep_the_invariants),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

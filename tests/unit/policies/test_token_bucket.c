@@ -6,6 +6,7 @@
 
 #include <cmocka.h>
 
+#include "rng.h"
 #include "token_bucket.h"
 
 #define S GW_NS_PER_S
@@ -194,6 +195,34 @@ static void admission_rate_matches_refill_rate_over_time(void **state)
   assert_int_equal(admitted, 100 + 60 * 50);
 }
 
+/* Over any interval [a, b] the admissions never exceed capacity + rate * (b - a) tokens. */
+static void admissions_never_exceed_capacity_plus_refill_over_any_interval(void **state)
+{
+  struct gw_rng rng;
+  gw_rng_seed(&rng, 31337);
+  for (int round = 0; round < 10; round++) {
+    struct gw_token_bucket_config c = {.capacity = 1 + gw_rng_below(&rng, 20),
+                                       .refill_per_sec = 1 + gw_rng_below(&rng, 50)};
+    struct gw_token_bucket b;
+    gw_token_bucket_init(&b, &c, T0);
+    enum { N = 3000 };
+    static uint64_t at[N];
+    size_t n = 0;
+    uint64_t t = T0;
+    for (int i = 0; i < N; i++) {
+      t += gw_rng_below(&rng, 50 * MS);
+      if (gw_token_bucket_admit(&b, &c, t, NULL))
+        at[n++] = t;
+    }
+    for (size_t i = 0; i < n; i += 7)
+      for (size_t j = i; j < n; j++) {
+        /* admissions in [at[i], at[j]] = j - i + 1 <= capacity + rate * elapsed (in nano-tokens) */
+        uint64_t elapsed = at[j] - at[i];
+        assert_true((j - i + 1) * GW_NS_PER_S <= c.capacity * GW_NS_PER_S + elapsed * c.refill_per_sec);
+      }
+  }
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -208,6 +237,7 @@ int main(void)
       cmocka_unit_test(take_n_is_all_or_nothing_and_give_back_caps_at_capacity),
       cmocka_unit_test(wait_ns_for_more_than_capacity_is_forever),
       cmocka_unit_test(admission_rate_matches_refill_rate_over_time),
+      cmocka_unit_test(admissions_never_exceed_capacity_plus_refill_over_any_interval),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
