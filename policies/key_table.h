@@ -15,8 +15,9 @@
  *
  * Not thread-safe: one table per worker, or a lock around each call (as the benchmark does).
  *
- * Memory: gw_key_table_memory_bytes(cfg) = max_keys * (24 + round8(key_max_bytes) +
+ * Memory: gw_key_table_memory_bytes(cfg) = max_keys * (16 + 8 + round8(key_max_bytes) +
  * round8(value_bytes)) + 4 * buckets + sizeof(table), buckets = next power of two >= 2 * max_keys.
+ * (16 bytes of links and hash bits per key live in a separate dense array; see key_table.c.)
  */
 #ifndef GW_KEY_TABLE_H
 #define GW_KEY_TABLE_H
