@@ -161,14 +161,14 @@ static int decide(enum mod m, void *v, struct gw_rng *rng, uint64_t now)
 
 struct run {
   enum mod mod;
-  unsigned nkeys;      /* 0: direct state, no table */
-  void *direct;        /* the state when nkeys == 0 */
+  unsigned nkeys; /* 0: direct state, no table */
+  void *direct;   /* the state when nkeys == 0 */
   struct gw_key_table *table;
   struct gw_idem_store *idem;
   pthread_mutex_t lock;
   bool locked;
-  uint64_t ops;        /* per thread */
-  uint64_t start_ns;   /* shared start for the clock */
+  uint64_t ops;      /* per thread */
+  uint64_t start_ns; /* shared start for the clock */
 };
 
 struct worker {
@@ -227,8 +227,8 @@ static void setup(struct run *r)
   uint64_t now = mono_ns();
   if (r->mod == IDEMPOTENCY) {
     unsigned n = r->nkeys ? r->nkeys : 1;
-    struct gw_idem_config c = {.max_records = n, .max_bytes = (uint64_t)n * 512 + 4096,
-                               .ttl_ms = 3600000, .seed = {3, 4}};
+    struct gw_idem_config c = {
+        .max_records = n, .max_bytes = (uint64_t)n * 512 + 4096, .ttl_ms = 3600000, .seed = {3, 4}};
     if (gw_idem_create(&c, &r->idem) != 0)
       abort();
     static const struct gw_idem_response resp = {201, "Content-Type: application/json\r\n", 32,
@@ -249,7 +249,8 @@ static void setup(struct run *r)
     init_value(r->mod, r->direct, now);
     return;
   }
-  struct gw_key_table_config kc = {.max_keys = r->nkeys, .key_max_bytes = 46,
+  struct gw_key_table_config kc = {.max_keys = r->nkeys,
+                                   .key_max_bytes = 46,
                                    .value_bytes = (uint32_t)value_bytes(r->mod),
                                    .seed = {0x1234, 0x5678}};
   if (gw_key_table_create(&kc, &r->table) != 0)
@@ -313,13 +314,21 @@ int main(int argc, char **argv)
   const char *only = argc > 2 ? argv[2] : NULL;
   make_keys();
   gw_idem_fingerprint("POST", 4, "/api/orders", 11, "{\"item\":42}", 11, &idem_fp);
-  cb_cfg = (struct gw_breaker_config){.window = GW_BREAKER_WINDOW_COUNT, .window_size = 20,
-                                      .min_calls = 10, .failure_rate = 0.5, .slow_call_ms = 2000,
-                                      .slow_call_rate = 1.0, .open_ms = 30000,
+  cb_cfg = (struct gw_breaker_config){.window = GW_BREAKER_WINDOW_COUNT,
+                                      .window_size = 20,
+                                      .min_calls = 10,
+                                      .failure_rate = 0.5,
+                                      .slow_call_ms = 2000,
+                                      .slow_call_rate = 1.0,
+                                      .open_ms = 30000,
                                       .half_open_calls = 5};
-  rt_cfg = (struct gw_retry_config){.max_attempts = 3, .base_ms = 50, .max_backoff_ms = 2000,
-                                    .jitter = GW_JITTER_FULL, .per_try_timeout_ms = 1000,
-                                    .on = GW_RETRY_ON_STATUS, .budget_percent = 20,
+  rt_cfg = (struct gw_retry_config){.max_attempts = 3,
+                                    .base_ms = 50,
+                                    .max_backoff_ms = 2000,
+                                    .jitter = GW_JITTER_FULL,
+                                    .per_try_timeout_ms = 1000,
+                                    .on = GW_RETRY_ON_STATUS,
+                                    .budget_percent = 20,
                                     .budget_min_per_sec = 10};
   gw_status_set_add(&rt_cfg.statuses, 503);
 

@@ -26,11 +26,11 @@ struct gw_breaker {
   uint64_t generation;
   uint64_t opened_ns;
   /* closed-state window */
-  uint8_t *ring;             /* count window: one outcome per call */
-  struct sec_bucket *secs;   /* time window: one bucket per second */
-  uint32_t ring_pos;         /* next slot to write */
-  uint32_t ring_len;         /* slots in use */
-  uint64_t last_sec;         /* newest second written (time window) */
+  uint8_t *ring;           /* count window: one outcome per call */
+  struct sec_bucket *secs; /* time window: one bucket per second */
+  uint32_t ring_pos;       /* next slot to write */
+  uint32_t ring_len;       /* slots in use */
+  uint64_t last_sec;       /* newest second written (time window) */
   uint32_t calls, failures, slow;
   /* half-open trials */
   uint32_t trials_admitted, trials_done, trial_failures, trial_slow;

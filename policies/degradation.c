@@ -135,8 +135,8 @@ void gw_degrade_decide(struct gw_degrade *d, const struct gw_degrade_config *cfg
 
 const char *gw_degrade_reason_name(enum gw_degrade_reason reason)
 {
-  static const char *const names[GW_DEGRADE_REASONS] = {
-      "circuit_open", "upstream_error", "shed", "slow", "forced", "stale"};
+  static const char *const names[GW_DEGRADE_REASONS] = {"circuit_open", "upstream_error", "shed",
+                                                        "slow",         "forced",         "stale"};
   if ((unsigned)reason >= GW_DEGRADE_REASONS)
     return "unknown";
   return names[reason];

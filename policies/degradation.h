@@ -66,8 +66,8 @@ struct gw_degrade_decision {
 struct gw_degrade {
   enum gw_degrade_mode mode;
   uint32_t in_flight;
-  uint64_t slot;           /* index of the newest slow-detector slot */
-  uint64_t sum_ms, count;  /* over the slots */
+  uint64_t slot;          /* index of the newest slow-detector slot */
+  uint64_t sum_ms, count; /* over the slots */
   uint64_t slot_sum_ms[GW_DEGRADE_SLOW_SLOTS];
   uint32_t slot_count[GW_DEGRADE_SLOW_SLOTS];
   uint64_t degraded[GW_DEGRADE_REASONS]; /* answers degraded, by Gateway-Degraded value */

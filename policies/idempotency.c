@@ -38,8 +38,10 @@ struct gw_idem_store {
 
 /* Fixed keys for the fingerprint: its value must not depend on a process secret, so that a
  * cluster backend can compare fingerprints computed on different nodes. */
-static const struct gw_hash_key fp_key_hi = {UINT64_C(0x6964656d706f7465), UINT64_C(0x6e742d6b65792d31)};
-static const struct gw_hash_key fp_key_lo = {UINT64_C(0x726571756573742d), UINT64_C(0x66696e6765727032)};
+static const struct gw_hash_key fp_key_hi = {UINT64_C(0x6964656d706f7465),
+                                             UINT64_C(0x6e742d6b65792d31)};
+static const struct gw_hash_key fp_key_lo = {UINT64_C(0x726571756573742d),
+                                             UINT64_C(0x66696e6765727032)};
 
 int gw_idem_config_check(const struct gw_idem_config *cfg)
 {
@@ -329,8 +331,7 @@ int gw_idem_complete(struct gw_idem_store *st, const struct gw_idem_claim *claim
 }
 
 int gw_idem_finish(struct gw_idem_store *st, const struct gw_idem_claim *claim,
-                   enum gw_idem_origin origin, const struct gw_idem_response *resp,
-                   uint64_t now_ns)
+                   enum gw_idem_origin origin, const struct gw_idem_response *resp, uint64_t now_ns)
 {
   if (gw_idem_should_store(origin))
     return gw_idem_complete(st, claim, resp, now_ns);

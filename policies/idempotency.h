@@ -41,9 +41,9 @@
 #define GW_IDEM_KEY_MAX 255
 
 struct gw_idem_config {
-  uint32_t max_records; /* 1..2^24 */
-  uint64_t max_bytes;   /* >= 4096 */
-  uint64_t ttl_ms;      /* >= 1 */
+  uint32_t max_records;    /* 1..2^24 */
+  uint64_t max_bytes;      /* >= 4096 */
+  uint64_t ttl_ms;         /* >= 1 */
   struct gw_hash_key seed; /* secret for the table hash */
 };
 
@@ -91,8 +91,8 @@ struct gw_idem_stats {
   uint32_t records;
   uint32_t in_flight;
   uint64_t bytes;
-  uint64_t expired;  /* records removed by TTL since creation */
-  uint64_t full;     /* claims or stores refused because a bound was reached */
+  uint64_t expired; /* records removed by TTL since creation */
+  uint64_t full;    /* claims or stores refused because a bound was reached */
   uint64_t replays;
 };
 

@@ -31,9 +31,9 @@
 #define GW_KEY_TABLE_VALUE_MAX (1u << 24)
 
 struct gw_key_table_config {
-  uint32_t max_keys;      /* 1..GW_KEY_TABLE_MAX_KEYS */
-  uint32_t key_max_bytes; /* keys up to this length are stored as they are; 16..1024 */
-  uint32_t value_bytes;   /* size of each value blob, 0..GW_KEY_TABLE_VALUE_MAX; 8-aligned */
+  uint32_t max_keys;       /* 1..GW_KEY_TABLE_MAX_KEYS */
+  uint32_t key_max_bytes;  /* keys up to this length are stored as they are; 16..1024 */
+  uint32_t value_bytes;    /* size of each value blob, 0..GW_KEY_TABLE_VALUE_MAX; 8-aligned */
   struct gw_hash_key seed; /* secret per table, e.g. from getrandom() at startup */
 };
 
@@ -82,7 +82,7 @@ int gw_key_table_get_or_insert(struct gw_key_table *t, const void *key, size_t l
 int gw_key_table_remove(struct gw_key_table *t, const void *key, size_t len);
 
 struct gw_key_table_stats {
-  uint32_t count;     /* keys held */
+  uint32_t count; /* keys held */
   uint32_t max_keys;
   uint64_t inserts;   /* keys created since creation */
   uint64_t evictions; /* keys evicted to make room since creation */

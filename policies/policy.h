@@ -20,15 +20,16 @@
 #define GW_NS_PER_S UINT64_C(1000000000)
 
 /* Error codes: 0 is success, these are negative. X(name, snake_case, message). */
-#define GW_POLICY_ERRNO_MAP(X)                                                                \
-  X(INVALID_CONFIG, "invalid_config", "a policy configuration value is out of range")         \
-  X(NOMEM, "out_of_memory", "the policy state could not be allocated")                        \
-  X(FULL, "store_full", "the store has reached its configured bound")                         \
-  X(TOO_LARGE, "too_large", "the item is larger than the store accepts")                      \
-  X(STALE, "stale_claim", "the claim no longer owns its record")                              \
-  X(NOT_FOUND, "not_found", "no such entry")                                                  \
+#define GW_POLICY_ERRNO_MAP(X)                                                                     \
+  X(INVALID_CONFIG, "invalid_config", "a policy configuration value is out of range")              \
+  X(NOMEM, "out_of_memory", "the policy state could not be allocated")                             \
+  X(FULL, "store_full", "the store has reached its configured bound")                              \
+  X(TOO_LARGE, "too_large", "the item is larger than the store accepts")                           \
+  X(STALE, "stale_claim", "the claim no longer owns its record")                                   \
+  X(NOT_FOUND, "not_found", "no such entry")                                                       \
   X(BAD_VALUE, "invalid_value", "the value cannot be parsed")
 
+/* clang-format off */
 enum gw_policy_err {
   GW_POLICY_OK = 0,
   GW_POLICY_E__FIRST = -2000,
@@ -37,6 +38,7 @@ enum gw_policy_err {
 #undef GW_POLICY_ERR_ENUM
   GW_POLICY_E__LAST
 };
+/* clang-format on */
 
 /* The snake_case name of a policy error code ("unknown_error" for anything else). */
 const char *gw_policy_err_name(int err);

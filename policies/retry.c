@@ -32,8 +32,7 @@ bool gw_retry_method_is_idempotent(const char *method, size_t len)
   return false;
 }
 
-bool gw_retry_is_retryable(const struct gw_retry_config *cfg, enum gw_try_result result,
-                           int status)
+bool gw_retry_is_retryable(const struct gw_retry_config *cfg, enum gw_try_result result, int status)
 {
   switch (result) {
   case GW_TRY_CONNECT_FAILURE:
@@ -268,7 +267,7 @@ static int month_of(struct cursor *c)
 static bool weekday(struct cursor *c, bool long_name)
 {
   static const char *const shorts[] = {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"};
-  static const char *const longs[] = {"Monday", "Tuesday", "Wednesday", "Thursday",
+  static const char *const longs[] = {"Monday", "Tuesday",  "Wednesday", "Thursday",
                                       "Friday", "Saturday", "Sunday"};
   for (int i = 0; i < 7; i++)
     if (eat(c, long_name ? longs[i] : shorts[i]))

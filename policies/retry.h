@@ -54,9 +54,9 @@ enum {
 };
 
 struct gw_retry_config {
-  uint32_t max_attempts;       /* tries in all, 1..GW_RETRY_MAX_ATTEMPTS */
-  uint64_t base_ms;            /* >= 1 */
-  uint64_t max_backoff_ms;     /* >= base_ms */
+  uint32_t max_attempts;   /* tries in all, 1..GW_RETRY_MAX_ATTEMPTS */
+  uint64_t base_ms;        /* >= 1 */
+  uint64_t max_backoff_ms; /* >= base_ms */
   enum gw_jitter jitter;
   uint64_t per_try_timeout_ms; /* 0: only the overall deadline bounds a try */
   unsigned on;                 /* GW_RETRY_ON_* */
@@ -68,16 +68,16 @@ struct gw_retry_config {
 
 /* Per-request retry state. */
 struct gw_retry_state {
-  uint64_t deadline_ns;      /* start + upstream.timeout_ms */
-  uint64_t prev_backoff_ms;  /* for decorrelated jitter */
-  uint32_t attempts;         /* tries started */
-  bool method_allows_retry;  /* idempotent method, or an Idempotency-Key under a policy */
+  uint64_t deadline_ns;     /* start + upstream.timeout_ms */
+  uint64_t prev_backoff_ms; /* for decorrelated jitter */
+  uint32_t attempts;        /* tries started */
+  bool method_allows_retry; /* idempotent method, or an Idempotency-Key under a policy */
 };
 
 /* Per-route retry budget: requests and retries in 100 ms slots over the last 10 s. */
 struct gw_retry_budget {
-  uint64_t slot;      /* index (now / slot length) of the newest slot */
-  uint64_t requests;  /* sums over the window */
+  uint64_t slot;     /* index (now / slot length) of the newest slot */
+  uint64_t requests; /* sums over the window */
   uint64_t retries;
   uint32_t slot_requests[GW_RETRY_BUDGET_SLOTS];
   uint32_t slot_retries[GW_RETRY_BUDGET_SLOTS];

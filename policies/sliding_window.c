@@ -52,7 +52,10 @@ void gw_sliding_window_init(struct gw_sliding_window *w, const struct gw_sliding
   w->reserved = 0;
 }
 
-static inline uint32_t *counts(struct gw_sliding_window *w) { return (uint32_t *)(w->runs + w->cap); }
+static inline uint32_t *counts(struct gw_sliding_window *w)
+{
+  return (uint32_t *)(w->runs + w->cap);
+}
 
 static inline uint32_t slot(const struct gw_sliding_window *w, uint32_t i)
 {
@@ -97,8 +100,9 @@ static void fill_info(struct gw_sliding_window *w, const struct gw_sliding_windo
   info->retry_after_s = ok ? 0 : (info->next_s > 0 ? info->next_s : 1);
 }
 
-bool gw_sliding_window_admit(struct gw_sliding_window *w, const struct gw_sliding_window_config *cfg,
-                             uint64_t now_ns, struct gw_ratelimit_info *info)
+bool gw_sliding_window_admit(struct gw_sliding_window *w,
+                             const struct gw_sliding_window_config *cfg, uint64_t now_ns,
+                             struct gw_ratelimit_info *info)
 {
   expire(w, cfg, now_ns);
   bool ok = w->total < cfg->limit;

@@ -52,7 +52,8 @@ int gw_sliding_window_config_check(const struct gw_sliding_window_config *cfg);
 size_t gw_sliding_window_state_bytes(const struct gw_sliding_window_config *cfg);
 
 /* Initialises an empty window in a blob of gw_sliding_window_state_bytes(cfg) bytes (8-aligned). */
-void gw_sliding_window_init(struct gw_sliding_window *w, const struct gw_sliding_window_config *cfg);
+void gw_sliding_window_init(struct gw_sliding_window *w,
+                            const struct gw_sliding_window_config *cfg);
 
 /*
  * The per-request decision: admits and records the request if fewer than limit were admitted in
@@ -61,8 +62,9 @@ void gw_sliding_window_init(struct gw_sliding_window *w, const struct gw_sliding
  * until every current admission has left the window, Retry-After = seconds until the oldest one
  * leaves (only on a refusal). O(1) amortised; no allocation.
  */
-bool gw_sliding_window_admit(struct gw_sliding_window *w, const struct gw_sliding_window_config *cfg,
-                             uint64_t now_ns, struct gw_ratelimit_info *info);
+bool gw_sliding_window_admit(struct gw_sliding_window *w,
+                             const struct gw_sliding_window_config *cfg, uint64_t now_ns,
+                             struct gw_ratelimit_info *info);
 
 /* Admissions counted in the trailing window at now_ns. */
 uint64_t gw_sliding_window_count(struct gw_sliding_window *w,

@@ -101,7 +101,8 @@ bool gw_token_bucket_admit(struct gw_token_bucket *b, const struct gw_token_buck
   if (info) {
     uint64_t next_ns = wait_for(b, cfg, NANO);
     info->limit = cfg->capacity;
-    info->window_s = cfg->capacity / cfg->refill_per_sec + (cfg->capacity % cfg->refill_per_sec != 0);
+    info->window_s =
+        cfg->capacity / cfg->refill_per_sec + (cfg->capacity % cfg->refill_per_sec != 0);
     info->remaining = b->nanotokens / NANO;
     info->reset_s = gw_ns_to_s_ceil(wait_for(b, cfg, cfg->capacity * NANO));
     info->next_s = gw_ns_to_s_ceil(next_ns);

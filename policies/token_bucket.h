@@ -11,7 +11,8 @@
  * Take N / give back N exist for a cluster quota-leasing layer (a node leases a batch of tokens
  * from the replicated budget, spends them locally, and gives back what it did not use).
  *
- * Memory: 16 bytes per bucket (struct gw_token_bucket); the config is shared by all keys of a route.
+ * Memory: 16 bytes per bucket (struct gw_token_bucket); the config is shared by all keys of a
+ * route.
  */
 #ifndef GW_TOKEN_BUCKET_H
 #define GW_TOKEN_BUCKET_H

@@ -16,8 +16,8 @@
 
 static struct gw_idem_store *make(uint32_t max_records, uint64_t max_bytes, uint64_t ttl_ms)
 {
-  struct gw_idem_config c = {.max_records = max_records, .max_bytes = max_bytes, .ttl_ms = ttl_ms,
-                             .seed = {1, 2}};
+  struct gw_idem_config c = {
+      .max_records = max_records, .max_bytes = max_bytes, .ttl_ms = ttl_ms, .seed = {1, 2}};
   struct gw_idem_store *st = NULL;
   assert_int_equal(gw_idem_create(&c, &st), 0);
   return st;
@@ -87,12 +87,10 @@ static void fingerprint_covers_method_path_and_body(void **state)
   struct gw_idem_fingerprint a = fp_of("POST", "/orders", "{\"n\":1}");
   struct gw_idem_fingerprint b = fp_of("POST", "/orders", "{\"n\":1}");
   assert_memory_equal(&a, &b, sizeof(a));
-  struct gw_idem_fingerprint c[] = {fp_of("PATCH", "/orders", "{\"n\":1}"),
-                                    fp_of("POST", "/orders/", "{\"n\":1}"),
-                                    fp_of("POST", "/orders", "{\"n\":2}"),
-                                    fp_of("POST", "/orders", ""),
-                                    fp_of("POS", "T/orders", "{\"n\":1}"),
-                                    fp_of("POST", "/order", "s{\"n\":1}")};
+  struct gw_idem_fingerprint c[] = {
+      fp_of("PATCH", "/orders", "{\"n\":1}"), fp_of("POST", "/orders/", "{\"n\":1}"),
+      fp_of("POST", "/orders", "{\"n\":2}"),  fp_of("POST", "/orders", ""),
+      fp_of("POS", "T/orders", "{\"n\":1}"),  fp_of("POST", "/order", "s{\"n\":1}")};
   for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
     assert_true(c[i].hi != a.hi || c[i].lo != a.lo);
     assert_true(c[i].hi != a.hi && c[i].lo != a.lo); /* both halves change */

@@ -13,8 +13,8 @@
 
 static struct gw_key_table *make(uint32_t max_keys, uint32_t key_max, uint32_t value_bytes)
 {
-  struct gw_key_table_config c = {.max_keys = max_keys, .key_max_bytes = key_max,
-                                  .value_bytes = value_bytes, .seed = {11, 22}};
+  struct gw_key_table_config c = {
+      .max_keys = max_keys, .key_max_bytes = key_max, .value_bytes = value_bytes, .seed = {11, 22}};
   struct gw_key_table *t = NULL;
   assert_int_equal(gw_key_table_create(&c, &t), 0);
   assert_non_null(t);
@@ -54,8 +54,8 @@ static void config_out_of_range_is_rejected(void **state)
 static void memory_bytes_follow_the_documented_formula(void **state)
 {
   struct gw_key_table_config c = {.max_keys = 1000000, .key_max_bytes = 46, .value_bytes = 16};
-  size_t table_overhead = gw_key_table_memory_bytes(&c) - 1000000 * (24 + 48 + 16) -
-                          4 * (size_t)(1 << 21);
+  size_t table_overhead =
+      gw_key_table_memory_bytes(&c) - 1000000 * (24 + 48 + 16) - 4 * (size_t)(1 << 21);
   assert_true(table_overhead < 256);
 }
 
@@ -75,7 +75,7 @@ static void inserted_key_is_found_with_a_zeroed_value(void **state)
   assert_ptr_equal(gw_key_table_find(t, "10.0.0.1", 8), v);
   assert_null(gw_key_table_find(t, "10.0.0.2", 8));
   assert_null(gw_key_table_find(t, "10.0.0.", 7)); /* a prefix is another key */
-  put(t, "", &flags);                               /* the empty key is a key too */
+  put(t, "", &flags);                              /* the empty key is a key too */
   assert_int_equal(flags, GW_KEY_TABLE_CREATED);
   assert_true(gw_key_table_contains(t, "", 0));
   gw_key_table_destroy(t);
@@ -232,7 +232,8 @@ static void random_operations_match_an_lru_model(void **state)
         model[0] = k;
       }
     } else { /* remove */
-      assert_int_equal(gw_key_table_remove(t, key, strlen(key)), pos >= 0 ? 0 : GW_POLICY_ENOT_FOUND);
+      assert_int_equal(gw_key_table_remove(t, key, strlen(key)),
+                       pos >= 0 ? 0 : GW_POLICY_ENOT_FOUND);
       if (pos >= 0) {
         memmove(model + pos, model + pos + 1, sizeof(int) * (size_t)(n - pos - 1));
         n--;

@@ -214,8 +214,7 @@ static void status_outside_statuses_is_not_retried(void **state)
   begin(&s, "GET", false, 60000, T0);
   assert_true(gw_retry_start_try(&s, &c, T0, &t));
   struct gw_retry_input in = {GW_TRY_RESPONSE, 500, -1};
-  assert_int_equal(gw_retry_decide(&s, &c, NULL, NULL, &in, T0, &delay),
-                   GW_RETRY_NO_NOT_RETRYABLE);
+  assert_int_equal(gw_retry_decide(&s, &c, NULL, NULL, &in, T0, &delay), GW_RETRY_NO_NOT_RETRYABLE);
   in.status = 502;
   assert_int_equal(gw_retry_decide(&s, &c, NULL, NULL, &in, T0, &delay), GW_RETRY_YES);
 }
@@ -279,10 +278,15 @@ static void http_dates_parse_in_all_three_formats(void **state)
   const char *leap = "Thu, 29 Feb 2024 00:00:00 GMT";
   assert_int_equal(gw_http_date_parse(leap, strlen(leap), now, &t), 0);
   assert_int_equal(t, 1709164800);
-  const char *bad[] = {"Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 6 Nov 1994 08:49:37 GMT",
-                       "Sun, 06 Nov 1994 08:49:37 GMT ", "Fri, 29 Feb 2023 00:00:00 GMT",
-                       "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT",
-                       "Sun, 06 Nov 1969 08:49:37 GMT", "yesterday", ""};
+  const char *bad[] = {"Sun, 06 Nov 1994 08:49:37 UTC",
+                       "Sun, 6 Nov 1994 08:49:37 GMT",
+                       "Sun, 06 Nov 1994 08:49:37 GMT ",
+                       "Fri, 29 Feb 2023 00:00:00 GMT",
+                       "Sun, 06 Foo 1994 08:49:37 GMT",
+                       "Sun, 06 Nov 1994 24:00:00 GMT",
+                       "Sun, 06 Nov 1969 08:49:37 GMT",
+                       "yesterday",
+                       ""};
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
     assert_int_equal(gw_http_date_parse(bad[i], strlen(bad[i]), now, &t), GW_POLICY_EBAD_VALUE);
 }

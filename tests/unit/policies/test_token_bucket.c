@@ -218,7 +218,8 @@ static void admissions_never_exceed_capacity_plus_refill_over_any_interval(void 
       for (size_t j = i; j < n; j++) {
         /* admissions in [at[i], at[j]] = j - i + 1 <= capacity + rate * elapsed (in nano-tokens) */
         uint64_t elapsed = at[j] - at[i];
-        assert_true((j - i + 1) * GW_NS_PER_S <= c.capacity * GW_NS_PER_S + elapsed * c.refill_per_sec);
+        assert_true((j - i + 1) * GW_NS_PER_S <=
+                    c.capacity * GW_NS_PER_S + elapsed * c.refill_per_sec);
       }
   }
 }
