@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -183,6 +184,21 @@ class ConfigTest(harness.Case):
         self.assertNotEqual(code, 0)
         self.assertGreater(code, 0, "killed by a signal")
         self.assertIn("bogus", out + err)
+
+    def test_listen_address_in_use_fails_clearly(self):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        try:
+            cfg = copy.deepcopy(GOOD)
+            cfg["node"]["listen"] = "127.0.0.1:%d" % busy.getsockname()[1]
+            cfg["node"]["api_listen"] = "127.0.0.1:%d" % harness.free_port()
+            path = self.write("busy.json", cfg)
+            code, out, err = run(["-c", path], timeout=15)
+        finally:
+            busy.close()
+        self.assertGreater(code, 0, out + err)
+        self.assertIn(cfg["node"]["listen"], out + err)
 
     def test_bad_command_line(self):
         code, out, err = run(["--no-such-flag"])
