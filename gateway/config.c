@@ -7,6 +7,7 @@
  * problems are collected, so `--check-config` reports a whole file at once.
  */
 #include "config.h"
+#include "pipeline.h"
 #include "router.h"
 
 #include <arpa/inet.h>
@@ -667,7 +668,7 @@ static void parse_fallback(struct ctx *c, const cJSON *o, struct gw_degradation_
     d->fallback_body = xstrdup("");
   }
   pop(c, old);
-  d->has_fallback = true;
+  d->c.has_fallback = true;
 }
 
 static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_degradation_conf *d)
@@ -679,18 +680,17 @@ static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_degradati
   if (!check_object(c, o, NULL, keys))
     return;
   d->enabled = true;
-  d->on = GW_DEGRADE_CIRCUIT_OPEN | GW_DEGRADE_UPSTREAM_ERROR | GW_DEGRADE_SHED |
-          GW_DEGRADE_SLOW | GW_DEGRADE_FORCED;
-  d->slow_window_ms = 10000;
+  d->c.on = GW_DEGRADE_ON(GW_DEGRADE_CIRCUIT_OPEN) | GW_DEGRADE_ON(GW_DEGRADE_UPSTREAM_ERROR) |
+            GW_DEGRADE_ON(GW_DEGRADE_SHED) | GW_DEGRADE_ON(GW_DEGRADE_SLOW);
+  d->c.slow_window_ms = 10000;
   const cJSON *fb = get(o, "fallback");
   if (fb)
     parse_fallback(c, fb, d);
-  get_flags(c, o, "on", ons, &d->on);
-  d->on |= GW_DEGRADE_FORCED; /* an operator's forced mode always applies */
-  get_u32(c, o, "max_concurrent", 1, 10000000, false, &d->max_concurrent);
-  get_int(c, o, "slow_ms", 1, 3600000, false, &d->slow_ms);
-  get_int(c, o, "slow_window_ms", 100, 3600000, false, &d->slow_window_ms);
-  get_int(c, o, "stale_if_error_ms", 0, 86400000ull * 30, false, &d->stale_if_error_ms);
+  get_flags(c, o, "on", ons, &d->c.on); /* names in the order of enum gw_degrade_reason */
+  get_u32(c, o, "max_concurrent", 1, 10000000, false, &d->c.max_concurrent);
+  get_int(c, o, "slow_ms", 1, 3600000, false, &d->c.slow_ms);
+  get_int(c, o, "slow_window_ms", 100, 3600000, false, &d->c.slow_window_ms);
+  get_int(c, o, "stale_if_error_ms", 0, 86400000ull * 30, false, &d->c.stale_if_error_ms);
 }
 
 static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_idempotency_conf *ic)
@@ -865,6 +865,9 @@ static void parse_route(struct ctx *c, const cJSON *o, struct gw_route *r)
     pop(c, old);
   }
   const cJSON *p = get(o, "policies");
+  r->policies_json = p ? cJSON_PrintUnformatted(p) : xstrdup("");
+  if (!r->policies_json)
+    abort();
   if (p) {
     old = push(c, "policies");
     parse_policies(c, p, r);
@@ -1026,7 +1029,9 @@ static void route_free(struct gw_route *r)
     free(r->idempotency.methods[i]);
   free(r->idempotency.methods);
   free(r->json);
+  free(r->policies_json);
   free(r->outstanding);
+  gw_route_rt_unref(r->rt);
 }
 
 static void config_free(struct gw_config *cfg)

@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 
 #include "circuit_breaker.h"
+#include "degradation.h"
 #include "policy.h"
 #include "retry.h"
 #include "sliding_window.h"
@@ -38,17 +39,6 @@ enum gw_balance { GW_BALANCE_ROUND_ROBIN, GW_BALANCE_LEAST_OUTSTANDING };
 enum gw_key_kind { GW_KEY_ROUTE, GW_KEY_CLIENT_IP, GW_KEY_HEADER };
 enum gw_scope { GW_SCOPE_LOCAL, GW_SCOPE_CLUSTER };
 enum gw_backend_type { GW_BACKEND_MEMORY, GW_BACKEND_RAFT, GW_BACKEND_REDIS };
-/* Bits of the degradation "on" list. */
-enum {
-  GW_DEGRADE_CIRCUIT_OPEN = 1 << 0,
-  GW_DEGRADE_UPSTREAM_ERROR = 1 << 1,
-  GW_DEGRADE_SHED = 1 << 2,
-  GW_DEGRADE_SLOW = 1 << 3,
-  GW_DEGRADE_FORCED = 1 << 4,
-  GW_DEGRADE_STALE = 1 << 5,
-};
-
-
 struct gw_limit_key {
   enum gw_key_kind kind;
   char header[128]; /* for GW_KEY_HEADER */
@@ -88,17 +78,12 @@ struct gw_header_pair {
 
 struct gw_degradation_conf {
   bool enabled;
-  bool has_fallback;
+  struct gw_degrade_config c; /* on (GW_DEGRADE_ON bits), limits, slow and stale settings */
   int fallback_status;
   struct gw_header_pair *fallback_headers; /* owned */
   size_t fallback_header_count;
   char *fallback_body; /* owned; a JSON value serialised, or a string as is */
   size_t fallback_body_len;
-  unsigned on; /* GW_DEGRADE_* */
-  uint32_t max_concurrent; /* 0: no limit */
-  uint64_t slow_ms;        /* 0: no slow detection */
-  uint64_t slow_window_ms;
-  uint64_t stale_if_error_ms; /* 0: no stale responses */
 };
 
 struct gw_idempotency_conf {
@@ -135,7 +120,9 @@ struct gw_route {
   struct gw_retry_conf retry;
   struct gw_degradation_conf degradation;
   struct gw_idempotency_conf idempotency;
-  char *json; /* owned: the route object as written, for the admin API */
+  char *json;          /* owned: the route object as written, for the admin API */
+  char *policies_json; /* owned: its "policies" object as written ("" when none) */
+  struct gw_route_rt *rt; /* the live policy state (pipeline.h); set when the config is attached */
 
   /* Balancing state, shared by the workers while this config is current. */
   atomic_uint_fast64_t rr_next;

@@ -34,9 +34,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "buf.h"
 #include "err.h"
 #include "headers.h"
 #include "log.h"
+#include "pipeline.h"
 #include "router.h"
 
 #define MAX_WORKERS 256
@@ -45,47 +47,6 @@
 #define RESP_HEADERS_MAX 256
 
 enum tag { TAG_MHD = 1, TAG_EVENT = 2, TAG_CURL = 3 };
-
-struct buf {
-  char *p;
-  size_t len, cap;
-};
-
-static bool buf_reserve(struct buf *b, size_t need)
-{
-  if (b->len + need <= b->cap)
-    return true;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < b->len + need)
-    cap *= 2;
-  char *p = realloc(b->p, cap);
-  if (!p)
-    return false;
-  b->p = p;
-  b->cap = cap;
-  return true;
-}
-
-static bool buf_append(struct buf *b, const void *data, size_t n)
-{
-  if (!buf_reserve(b, n + 1))
-    return false;
-  memcpy(b->p + b->len, data, n);
-  b->len += n;
-  b->p[b->len] = '\0';
-  return true;
-}
-
-/* Shrink buffers that grew for one large request so idle contexts stay small. */
-static void buf_trim(struct buf *b, size_t keep)
-{
-  b->len = 0;
-  if (b->cap > keep) {
-    free(b->p);
-    b->p = NULL;
-    b->cap = 0;
-  }
-}
 
 enum req_state { REQ_NEW, REQ_BODY, REQ_UPSTREAM, REQ_DONE, REQ_REPLIED };
 
@@ -105,9 +66,9 @@ struct req {
   bool counted;   /* counted in the worker's in-flight requests */
   bool outstanding_held;
   const char *method; /* owned by libmicrohttpd for the request's lifetime */
-  struct buf target_raw; /* the request target as received, NUL-terminated */
+  struct gw_buf target_raw; /* the request target as received, NUL-terminated */
   size_t path_len;       /* bytes of target_raw before '?' */
-  struct buf body;
+  struct gw_buf body;
   size_t body_sent; /* bytes of body handed to curl (streamed bodies) */
   bool has_body;
   bool body_too_large;
@@ -117,14 +78,20 @@ struct req {
 
   CURL *easy;
   struct curl_slist *up_headers;
-  struct buf url;
-  int status;
-  struct buf resp_headers; /* "name\0value\0" pairs */
-  size_t resp_header_count;
+  struct gw_buf url;
+  struct gw_resp resp; /* the answer: the upstream's response or the gateway's */
   struct gw_conn_tokens resp_conn;
-  struct buf resp_body;
   bool resp_too_large;
   long resp_content_length; /* for HEAD */
+
+  bool p_active; /* the policy chain runs for this request */
+  struct gw_preq p;
+  struct gw_req_view view;
+  bool suspended;
+  struct timespec try_started;
+  enum gw_try_result last_result;
+  int64_t timer_at_ms; /* backoff before the next try */
+  size_t heap_idx;     /* position in the worker's timer heap, SIZE_MAX when not in it */
 };
 
 struct worker {
@@ -141,6 +108,8 @@ struct worker {
   struct req *free_reqs;
   size_t free_count;
   struct req *upstreams;
+  struct req **timers; /* owned: a binary min-heap of requests waiting out a backoff */
+  size_t timer_count, timer_cap;
   int inflight;
   bool resumed;
   uint64_t rng;
@@ -207,11 +176,12 @@ static struct req *req_get(struct worker *w)
   r->body_too_large = false;
   r->request_id[0] = '\0';
   r->client_ip[0] = '\0';
-  r->status = 0;
-  r->resp_headers.len = 0;
-  r->resp_header_count = 0;
+  gw_resp_reset(&r->resp);
   r->resp_conn.count = 0;
-  r->resp_body.len = 0;
+  r->p_active = false;
+  r->suspended = false;
+  r->last_result = GW_TRY_RESPONSE;
+  r->heap_idx = SIZE_MAX;
   r->resp_too_large = false;
   r->resp_content_length = -1;
   clock_gettime(CLOCK_MONOTONIC, &r->started);
@@ -243,15 +213,15 @@ static void req_put(struct worker *w, struct req *r)
     free(r->target_raw.p);
     free(r->body.p);
     free(r->url.p);
-    free(r->resp_headers.p);
-    free(r->resp_body.p);
+    gw_buf_free(&r->resp.headers);
+    gw_buf_free(&r->resp.body);
     free(r);
     return;
   }
-  buf_trim(&r->body, 64 * 1024);
-  buf_trim(&r->resp_body, 64 * 1024);
-  buf_trim(&r->resp_headers, 16 * 1024);
-  buf_trim(&r->target_raw, 8 * 1024);
+  gw_buf_trim(&r->body, 64 * 1024);
+  gw_buf_trim(&r->resp.body, 64 * 1024);
+  gw_buf_trim(&r->resp.headers, 16 * 1024);
+  gw_buf_trim(&r->target_raw, 8 * 1024);
   r->next_free = w->free_reqs;
   w->free_reqs = r;
   w->free_count++;
@@ -259,40 +229,13 @@ static void req_put(struct worker *w, struct req *r)
 
 /* ---- responses ---- */
 
-static void add_common_headers(struct req *r, struct MHD_Response *resp)
-{
-  if (r->request_id[0])
-    MHD_add_response_header(resp, "X-Request-Id", r->request_id);
-  if (atomic_load_explicit(&r->w->eng->draining, memory_order_relaxed))
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
-}
-
-static enum MHD_Result reply_error(struct req *r, int err)
-{
-  char body[256];
-  int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}",
-                   gw_err_name(err), gw_strerror(err));
-  r->err = err;
-  r->status = gw_err_status(err);
-  r->state = REQ_REPLIED;
-  struct MHD_Response *resp =
-      MHD_create_response_from_buffer((size_t)n, body, MHD_RESPMEM_MUST_COPY);
-  if (!resp)
-    return MHD_NO;
-  MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
-  add_common_headers(r, resp);
-  enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)r->status, resp);
-  MHD_destroy_response(resp);
-  return ok;
-}
-
-static enum MHD_Result reply_upstream(struct req *r)
+/* Queue r->resp on the connection, with the headers every answer carries. */
+static enum MHD_Result send_response(struct req *r)
 {
   bool head = strcmp(r->method, "HEAD") == 0;
-  struct MHD_Response *resp =
-      MHD_create_response_from_buffer(head ? 0 : r->resp_body.len,
-                                      r->resp_body.p ? r->resp_body.p : (char *)"",
-                                      MHD_RESPMEM_PERSISTENT);
+  struct gw_resp *rs = &r->resp;
+  struct MHD_Response *resp = MHD_create_response_from_buffer(
+      head ? 0 : rs->body.len, rs->body.p ? rs->body.p : (char *)"", MHD_RESPMEM_PERSISTENT);
   if (!resp)
     return MHD_NO;
   if (head && r->resp_content_length >= 0) {
@@ -301,8 +244,8 @@ static enum MHD_Result reply_upstream(struct req *r)
     MHD_set_response_options(resp, MHD_RF_INSANITY_HEADER_CONTENT_LENGTH, MHD_RO_END);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_LENGTH, cl);
   }
-  const char *p = r->resp_headers.p;
-  for (size_t i = 0; i < r->resp_header_count; i++) {
+  const char *p = rs->headers.p;
+  for (size_t i = 0; i < rs->header_count; i++) {
     const char *name = p;
     const char *value = name + strlen(name) + 1;
     p = value + strlen(value) + 1;
@@ -311,11 +254,36 @@ static enum MHD_Result reply_upstream(struct req *r)
       continue;
     MHD_add_response_header(resp, name, value);
   }
-  add_common_headers(r, resp);
+  if (r->request_id[0])
+    MHD_add_response_header(resp, "X-Request-Id", r->request_id);
+  if (r->p_active) {
+    const struct gw_preq *pq = &r->p;
+    if (pq->rl_set) {
+      char v[512];
+      if (gw_ratelimit_format_policy(v, sizeof(v), pq->route->name, &pq->rl) > 0)
+        MHD_add_response_header(resp, "RateLimit-Policy", v);
+      if (gw_ratelimit_format_state(v, sizeof(v), pq->route->name, &pq->rl) > 0)
+        MHD_add_response_header(resp, "RateLimit", v);
+    }
+    if (pq->replayed)
+      MHD_add_response_header(resp, "Idempotent-Replayed", "true");
+  }
+  if (atomic_load_explicit(&r->w->eng->draining, memory_order_relaxed))
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
   r->state = REQ_REPLIED;
-  enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)r->status, resp);
+  enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)rs->status, resp);
   MHD_destroy_response(resp);
   return ok;
+}
+
+/* Answer with the gateway's own error (before or outside the policy chain). */
+static enum MHD_Result reply_error(struct req *r, int err)
+{
+  r->err = err;
+  r->resp_conn.count = 0;
+  r->resp_content_length = -1;
+  gw_resp_error(&r->resp, err, 0);
+  return send_response(r);
 }
 
 /* ---- upstream transfers ---- */
@@ -328,8 +296,7 @@ static size_t on_resp_header(char *data, size_t size, size_t n, void *userp)
   size_t len = size * n;
   if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     /* A new response (after a 1xx): start over. */
-    r->resp_headers.len = 0;
-    r->resp_header_count = 0;
+    gw_resp_reset(&r->resp);
     r->resp_conn.count = 0;
     r->resp_content_length = -1;
     return len;
@@ -340,16 +307,16 @@ static size_t on_resp_header(char *data, size_t size, size_t n, void *userp)
   if (end == 0 || data[0] == ' ' || data[0] == '\t')
     return len; /* the blank line, or an obsolete folded line (RFC 9112 section 5.2) */
   const char *colon = memchr(data, ':', end);
-  if (!colon || colon == data || r->resp_header_count >= RESP_HEADERS_MAX)
+  if (!colon || colon == data || r->resp.header_count >= RESP_HEADERS_MAX)
     return len;
   size_t nl = (size_t)(colon - data);
   const char *v = colon + 1;
   while (v < data + end && (*v == ' ' || *v == '\t'))
     v++;
   size_t vl = (size_t)(data + end - v);
-  if (!buf_reserve(&r->resp_headers, nl + vl + 2))
+  if (!gw_buf_reserve(&r->resp.headers, nl + vl + 2))
     return 0;
-  char *dst = r->resp_headers.p + r->resp_headers.len;
+  char *dst = r->resp.headers.p + r->resp.headers.len;
   memcpy(dst, data, nl);
   dst[nl] = '\0';
   memcpy(dst + nl + 1, v, vl);
@@ -358,8 +325,8 @@ static size_t on_resp_header(char *data, size_t size, size_t n, void *userp)
     gw_conn_tokens_add(&r->resp_conn, dst + nl + 1);
   else if (strcasecmp(dst, "Content-Length") == 0)
     r->resp_content_length = strtol(dst + nl + 1, NULL, 10);
-  r->resp_headers.len += nl + vl + 2;
-  r->resp_header_count++;
+  r->resp.headers.len += nl + vl + 2;
+  r->resp.header_count++;
   return len;
 }
 
@@ -367,11 +334,11 @@ static size_t on_resp_body(char *data, size_t size, size_t n, void *userp)
 {
   struct req *r = userp;
   size_t len = size * n;
-  if (r->resp_body.len + len > r->cfg->max_response_bytes) {
+  if (r->resp.body.len + len > r->cfg->max_response_bytes) {
     r->resp_too_large = true;
     return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
   }
-  if (!buf_append(&r->resp_body, data, len))
+  if (!gw_buf_append(&r->resp.body, data, len))
     return 0;
   return len;
 }
@@ -380,7 +347,7 @@ struct hdr_walk {
   struct req *r;
   struct gw_conn_tokens conn;
   const char *host;
-  struct buf xff_in;
+  struct gw_buf xff_in;
   bool has_content_type, has_accept, failed;
   int count;
 };
@@ -423,8 +390,8 @@ static enum MHD_Result forward_header(void *cls, enum MHD_ValueKind kind, const 
   if (strcasecmp(key, "X-Forwarded-For") == 0) {
     if (value && *value) {
       if (hw->xff_in.len)
-        buf_append(&hw->xff_in, ", ", 2);
-      buf_append(&hw->xff_in, value, strlen(value));
+        gw_buf_append(&hw->xff_in, ", ", 2);
+      gw_buf_append(&hw->xff_in, value, strlen(value));
     }
     return MHD_YES;
   }
@@ -487,35 +454,11 @@ static int pick_target(struct gw_route *rt)
   return best;
 }
 
-/* Build and start the upstream transfer. Returns 0 or a gw_err. */
-static int start_upstream(struct req *r)
+/* Build the request headers once per request (every try sends the same). 0 or a gw_err. */
+static int build_upstream_headers(struct req *r);
+
+static int build_upstream_headers(struct req *r)
 {
-  struct gw_route *rt = r->route;
-  r->target = pick_target(rt);
-  const struct gw_target *t = &rt->targets[r->target];
-  atomic_fetch_add_explicit(&rt->outstanding[r->target], 1, memory_order_relaxed);
-  r->outstanding_held = true;
-
-  /* Request target: the target's path, then the request path (less the prefix), then the
-   * query, all byte for byte. */
-  const char *path = r->target_raw.p;
-  size_t path_len = r->path_len;
-  const char *query = r->target_raw.p + r->path_len; /* "" or "?..." */
-  r->url.len = 0;
-  if (!buf_append(&r->url, t->path, t->path_len))
-    return GW_ENOMEM;
-  if (rt->strip_prefix) {
-    size_t cut = rt->prefix_len;
-    if (cut > 0 && rt->path_prefix[cut - 1] == '/')
-      cut--; /* keep the slash that separates the rest */
-    path += cut;
-    path_len -= cut;
-    if (path_len == 0 || path[0] != '/')
-      buf_append(&r->url, "/", 1);
-  }
-  if (!buf_append(&r->url, path, path_len) || !buf_append(&r->url, query, strlen(query)))
-    return GW_ENOMEM;
-
   struct hdr_walk hw;
   memset(&hw, 0, sizeof(hw));
   hw.r = r;
@@ -543,6 +486,48 @@ static int start_upstream(struct req *r)
       s->data[l - 1] = '\0';
   }
 
+  return 0;
+}
+
+/* Build and start one try of the upstream transfer. Returns 0 or a gw_err. */
+static int start_upstream(struct req *r, uint64_t timeout_ms)
+{
+  struct gw_route *rt = r->route;
+  r->target = pick_target(rt);
+  const struct gw_target *t = &rt->targets[r->target];
+  atomic_fetch_add_explicit(&rt->outstanding[r->target], 1, memory_order_relaxed);
+  r->outstanding_held = true;
+
+  /* Request target: the target's path, then the request path (less the prefix), then the
+   * query, all byte for byte. */
+  const char *path = r->target_raw.p;
+  size_t path_len = r->path_len;
+  const char *query = r->target_raw.p + r->path_len; /* "" or "?..." */
+  r->url.len = 0;
+  if (!gw_buf_append(&r->url, t->path, t->path_len))
+    return GW_ENOMEM;
+  if (rt->strip_prefix) {
+    size_t cut = rt->prefix_len;
+    if (cut > 0 && rt->path_prefix[cut - 1] == '/')
+      cut--; /* keep the slash that separates the rest */
+    path += cut;
+    path_len -= cut;
+    if (path_len == 0 || path[0] != '/')
+      gw_buf_append(&r->url, "/", 1);
+  }
+  if (!gw_buf_append(&r->url, path, path_len) || !gw_buf_append(&r->url, query, strlen(query)))
+    return GW_ENOMEM;
+
+  if (!r->up_headers) {
+    int err = build_upstream_headers(r);
+    if (err)
+      return err;
+  }
+  r->resp_conn.count = 0;
+  r->resp_content_length = -1;
+  r->resp_too_large = false;
+  gw_resp_reset(&r->resp);
+
   if (!r->easy) {
     r->easy = curl_easy_init();
     if (!r->easy)
@@ -559,7 +544,7 @@ static int start_upstream(struct req *r)
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
   curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)rt->connect_timeout_ms);
-  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)rt->timeout_ms);
+  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
   curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->up_headers);
   curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_resp_header);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
@@ -616,29 +601,178 @@ static void upstream_unlink(struct worker *w, struct req *r)
   r->up_prev = r->up_next = NULL;
 }
 
+static uint64_t now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- backoff timers: a binary min-heap of requests by timer_at_ms ---- */
+
+static void heap_swap(struct worker *w, size_t i, size_t j)
+{
+  struct req *t = w->timers[i];
+  w->timers[i] = w->timers[j];
+  w->timers[j] = t;
+  w->timers[i]->heap_idx = i;
+  w->timers[j]->heap_idx = j;
+}
+
+static void heap_up(struct worker *w, size_t i)
+{
+  while (i > 0 && w->timers[(i - 1) / 2]->timer_at_ms > w->timers[i]->timer_at_ms) {
+    heap_swap(w, i, (i - 1) / 2);
+    i = (i - 1) / 2;
+  }
+}
+
+static void heap_down(struct worker *w, size_t i)
+{
+  for (;;) {
+    size_t l = 2 * i + 1, m = i;
+    if (l < w->timer_count && w->timers[l]->timer_at_ms < w->timers[m]->timer_at_ms)
+      m = l;
+    if (l + 1 < w->timer_count && w->timers[l + 1]->timer_at_ms < w->timers[m]->timer_at_ms)
+      m = l + 1;
+    if (m == i)
+      return;
+    heap_swap(w, i, m);
+    i = m;
+  }
+}
+
+static bool timer_add(struct worker *w, struct req *r, int64_t at_ms)
+{
+  if (w->timer_count == w->timer_cap) {
+    size_t cap = w->timer_cap ? w->timer_cap * 2 : 64;
+    struct req **t = realloc(w->timers, cap * sizeof(*t));
+    if (!t)
+      return false;
+    w->timers = t;
+    w->timer_cap = cap;
+  }
+  r->timer_at_ms = at_ms;
+  r->heap_idx = w->timer_count;
+  w->timers[w->timer_count++] = r;
+  heap_up(w, r->heap_idx);
+  return true;
+}
+
+static void timer_remove(struct worker *w, struct req *r)
+{
+  size_t i = r->heap_idx;
+  if (i == SIZE_MAX)
+    return;
+  r->heap_idx = SIZE_MAX;
+  if (i != --w->timer_count) {
+    w->timers[i] = w->timers[w->timer_count];
+    w->timers[i]->heap_idx = i;
+    heap_down(w, i);
+    heap_up(w, i);
+  }
+}
+
+/* ---- the life of a proxied request ---- */
+
+/* The request is answered: run the end of the policy chain and hand the answer back. */
+static void complete(struct req *r, int err)
+{
+  struct worker *w = r->w;
+  r->err = err;
+  if (err)
+    gw_resp_error(&r->resp, err, 0);
+  if (r->p_active)
+    gw_pipeline_finish(&r->p, &r->view, r->last_result, err, now_ns(), &r->resp);
+  r->state = REQ_DONE;
+  if (r->suspended) {
+    r->suspended = false;
+    MHD_resume_connection(r->conn);
+    w->resumed = true;
+  }
+}
+
+/* Start the next try, or answer when no try may be made. */
+static void next_try(struct req *r)
+{
+  uint64_t timeout_ms = r->route->timeout_ms;
+  if (r->p_active && !gw_pipeline_try_begin(&r->p, now_ns(), &timeout_ms)) {
+    /* No (more) tries: the last try's answer stands; with none at all the breaker refused. */
+    complete(r, r->p.tries ? r->err : GW_ECIRCUIT_OPEN);
+    return;
+  }
+  clock_gettime(CLOCK_MONOTONIC, &r->try_started);
+  int err = start_upstream(r, timeout_ms);
+  if (err) {
+    req_release_outstanding(r);
+    r->last_result = GW_TRY_CONNECT_FAILURE;
+    complete(r, err);
+  }
+}
+
 static void finish_upstream(struct worker *w, struct req *r, CURLcode rc)
 {
   upstream_unlink(w, r);
   req_release_outstanding(r);
+  int status = 0;
   if (rc == CURLE_OK) {
-    long status = 0;
-    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-    r->status = (int)status;
+    long st = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &st);
+    r->resp.status = status = (int)st;
     r->err = 0;
+    r->last_result = GW_TRY_RESPONSE;
   } else if (r->resp_too_large) {
     r->err = GW_EUPSTREAM_RESPONSE_TOO_LARGE;
-  } else if (rc == CURLE_OPERATION_TIMEDOUT) {
-    /* Pre-transfer time stays 0 until a connection (new or reused) is ready: a timeout
-     * before that is a failed connect, after it the upstream was too slow. */
+    r->last_result = GW_TRY_TIMEOUT; /* sent and answered, but unusable: the upstream saw it */
+  } else {
+    /* Pre-transfer time stays 0 until a connection (new or reused) is ready: a failure before
+     * that is a failed connect, after it the upstream saw the request. */
     curl_off_t ready = 0;
     curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &ready);
-    r->err = ready > 0 ? GW_EUPSTREAM_TIMEOUT : GW_EUPSTREAM_UNAVAILABLE;
-  } else {
-    r->err = GW_EUPSTREAM_UNAVAILABLE;
+    if (ready == 0) {
+      r->err = GW_EUPSTREAM_UNAVAILABLE;
+      r->last_result = GW_TRY_CONNECT_FAILURE;
+    } else if (rc == CURLE_OPERATION_TIMEDOUT) {
+      r->err = GW_EUPSTREAM_TIMEOUT;
+      r->last_result = GW_TRY_TIMEOUT;
+    } else {
+      r->err = GW_EUPSTREAM_UNAVAILABLE; /* reset or closed after the request was sent */
+      r->last_result = GW_TRY_TIMEOUT;
+    }
   }
-  r->state = REQ_DONE;
-  MHD_resume_connection(r->conn);
-  w->resumed = true;
+  if (r->p_active) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    uint64_t took_ms = (uint64_t)((now.tv_sec - r->try_started.tv_sec) * 1000 +
+                                  (now.tv_nsec - r->try_started.tv_nsec) / 1000000);
+    int64_t retry_after_ms = -1;
+    const char *ra = rc == CURLE_OK ? gw_resp_header(&r->resp, "Retry-After") : NULL;
+    uint64_t ra_ms;
+    if (ra && gw_retry_after_parse_seconds(ra, strlen(ra), &ra_ms) == 0)
+      retry_after_ms = (int64_t)ra_ms;
+    uint64_t delay_ms = 0;
+    if (gw_pipeline_try_end(&r->p, r->last_result, status, retry_after_ms, took_ms, now_ns(),
+                            &delay_ms)) {
+      if (delay_ms == 0) {
+        next_try(r);
+      } else if (!timer_add(w, r, mono_ms() + (int64_t)delay_ms)) {
+        complete(r, r->err);
+      }
+      return;
+    }
+  }
+  complete(r, r->err);
+}
+
+/* Start the tries whose backoff has ended. */
+static void run_timers(struct worker *w)
+{
+  int64_t now = mono_ms();
+  while (w->timer_count && w->timers[0]->timer_at_ms <= now) {
+    struct req *r = w->timers[0];
+    timer_remove(w, r);
+    next_try(r);
+  }
 }
 
 static void check_multi(struct worker *w)
@@ -689,7 +823,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
     return NULL;
   r->conn = conn;
   size_t n = strlen(uri);
-  if (!buf_append(&r->target_raw, uri, n)) {
+  if (!gw_buf_append(&r->target_raw, uri, n)) {
     req_put(w, r);
     return NULL;
   }
@@ -779,6 +913,12 @@ static int begin_request(struct req *r)
   return 0;
 }
 
+static const char *lookup_header(void *ctx, const char *name)
+{
+  struct req *r = ctx;
+  return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -805,7 +945,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
       if (!r->body_too_large) {
         if (r->body.len + *upload_data_size > r->cfg->max_body_bytes)
           r->body_too_large = true;
-        else if (!buf_append(&r->body, upload_data, *upload_data_size))
+        else if (!gw_buf_append(&r->body, upload_data, *upload_data_size))
           return MHD_NO;
       }
       *upload_data_size = 0;
@@ -813,22 +953,32 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (r->body_too_large)
       return reply_error(r, GW_EBODY_TOO_LARGE);
-    {
-      int err = start_upstream(r);
-      if (err) {
-        req_release_outstanding(r);
-        return reply_error(r, err);
-      }
+    r->view = (struct gw_req_view){
+        .method = r->method,
+        .target = r->target_raw.p,
+        .target_len = r->target_raw.len,
+        .path_len = r->path_len,
+        .body = r->body.p ? r->body.p : "",
+        .body_len = r->body.len,
+        .client_ip = r->client_ip,
+        .header = lookup_header,
+        .ctx = r,
+    };
+    gw_pipeline_init(&r->p, r->route, now_ns());
+    r->p_active = true;
+    if (gw_pipeline_begin(&r->p, &r->view, now_ns(), &r->resp) == GW_STEP_ANSWER) {
+      gw_pipeline_finish(&r->p, &r->view, GW_TRY_RESPONSE, 0, now_ns(), &r->resp);
+      return send_response(r);
     }
     r->state = REQ_UPSTREAM;
     MHD_suspend_connection(conn);
+    r->suspended = true;
+    next_try(r);
     return MHD_YES;
   case REQ_UPSTREAM:
     return MHD_YES; /* spurious call while suspended */
   case REQ_DONE:
-    if (r->err)
-      return reply_error(r, r->err);
-    return reply_upstream(r);
+    return send_response(r);
   case REQ_REPLIED:
     return MHD_YES;
   }
@@ -851,7 +1001,7 @@ static void access_log(struct worker *w, struct req *r, enum MHD_RequestTerminat
   gw_jbuf_str(&j, "route", r->route ? r->route->name : NULL);
   gw_jbuf_str(&j, "method", r->method);
   gw_jbuf_strn(&j, "path", r->target_raw.p, r->path_len);
-  gw_jbuf_int(&j, "status", r->status);
+  gw_jbuf_int(&j, "status", r->resp.status);
   gw_jbuf_str(&j, "upstream", r->route && r->target >= 0 ? r->route->targets[r->target].base : NULL);
   gw_jbuf_num(&j, "duration_ms", ms);
   gw_jbuf_str(&j, "request_id", r->request_id);
@@ -872,9 +1022,18 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   if (!r)
     return;
   if (r->state == REQ_UPSTREAM) {
-    /* The client went away while the upstream transfer ran (only at shutdown). */
-    upstream_unlink(w, r);
+    /* The client went away while the upstream transfer ran or a backoff waited (shutdown). */
+    if (r->heap_idx != SIZE_MAX)
+      timer_remove(w, r);
+    else
+      upstream_unlink(w, r);
+    req_release_outstanding(r);
+    gw_resp_error(&r->resp, GW_ESHUTTING_DOWN, 0);
+    if (r->p_active)
+      gw_pipeline_finish(&r->p, &r->view, r->last_result, GW_ESHUTTING_DOWN, now_ns(), &r->resp);
   }
+  if (r->p_active && r->p.rt) /* answered before the chain finished (cannot happen) */
+    gw_pipeline_finish(&r->p, &r->view, r->last_result, r->err, now_ns(), &r->resp);
   if (r->counted) {
     if (r->method)
       access_log(w, r, toe);
@@ -931,9 +1090,12 @@ static void abort_upstreams(struct worker *w)
     struct req *r = w->upstreams;
     upstream_unlink(w, r);
     req_release_outstanding(r);
-    r->err = GW_ESHUTTING_DOWN;
-    r->state = REQ_DONE;
-    MHD_resume_connection(r->conn);
+    complete(r, GW_ESHUTTING_DOWN);
+  }
+  while (w->timer_count) {
+    struct req *r = w->timers[0];
+    timer_remove(w, r);
+    complete(r, GW_ESHUTTING_DOWN);
   }
 }
 
@@ -973,6 +1135,13 @@ static void *worker_main(void *arg)
       if (d < timeout)
         timeout = (int)d;
     }
+    if (w->timer_count) {
+      int64_t d = w->timers[0]->timer_at_ms - now;
+      if (d < 0)
+        d = 0;
+      if (d < timeout)
+        timeout = (int)d;
+    }
     if (draining && timeout > 50)
       timeout = 50;
     if (w->log.len)
@@ -1007,6 +1176,7 @@ static void *worker_main(void *arg)
       curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
     }
     check_multi(w);
+    run_timers(w);
     if (n == 0 || run_mhd || w->resumed) {
       w->resumed = false;
       MHD_run(w->mhd);
@@ -1188,11 +1358,12 @@ void gw_engine_free(struct gw_engine *e)
       free(r->target_raw.p);
       free(r->body.p);
       free(r->url.p);
-      free(r->resp_headers.p);
-      free(r->resp_body.p);
+      gw_buf_free(&r->resp.headers);
+      gw_buf_free(&r->resp.body);
       free(r);
     }
     gw_config_unref(w->cfg);
+    free(w->timers);
     if (w->epfd >= 0)
       close(w->epfd);
     if (w->evfd >= 0)

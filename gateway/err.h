@@ -18,6 +18,17 @@
   X(UPSTREAM_RESPONSE_TOO_LARGE, 502, "upstream_response_too_large",                         \
     "the upstream response exceeds max_body_bytes")                                          \
   X(UPSTREAM_TIMEOUT, 504, "upstream_timeout", "the upstream did not answer in time")        \
+  X(RATE_LIMITED, 429, "rate_limited", "too many requests: the route's rate limit is reached") \
+  X(CIRCUIT_OPEN, 503, "circuit_open", "the upstream is failing: the circuit breaker is open")  \
+  X(OVERLOADED, 503, "overloaded", "the route has too many requests in flight")               \
+  X(IDEMPOTENCY_KEY_MISSING, 400, "idempotency_key_missing",                                  \
+    "this route requires an Idempotency-Key header")                                         \
+  X(IDEMPOTENCY_KEY_INVALID, 400, "idempotency_key_invalid",                                  \
+    "the Idempotency-Key must be 1-255 printable ASCII bytes")                               \
+  X(IDEMPOTENCY_IN_FLIGHT, 409, "idempotency_in_flight",                                      \
+    "a request with this Idempotency-Key is still in flight")                                \
+  X(IDEMPOTENCY_KEY_MISMATCH, 422, "idempotency_key_mismatch",                                \
+    "this Idempotency-Key was used with a different method, path or body")                   \
   X(SHUTTING_DOWN, 503, "shutting_down", "the gateway is shutting down")                     \
   X(NOT_READY, 503, "not_ready", "the gateway is not ready")                                 \
   X(INTERNAL, 500, "internal_error", "the gateway failed to handle this request")

@@ -15,6 +15,7 @@
 #include "control.h"
 #include "engine.h"
 #include "log.h"
+#include "pipeline.h"
 
 static void usage(FILE *f)
 {
@@ -90,6 +91,8 @@ int main(int argc, char **argv)
     report(&errs, true);
     return 1;
   }
+  if (gw_pipeline_attach(cfg, NULL) != 0)
+    return 1;
 
   /* Signals go to this thread only: block them before any other thread starts. */
   sigset_t set;
@@ -119,6 +122,11 @@ int main(int argc, char **argv)
       if (!next) {
         gw_logf("error", "reload rejected: keeping the running config");
         report(&errs, true);
+        continue;
+      }
+      if (gw_pipeline_attach(next, cfg) != 0) {
+        gw_logf("error", "reload rejected: keeping the running config");
+        gw_config_unref(next);
         continue;
       }
       if (strcmp(next->listen.text, cfg->listen.text) != 0 ||
