@@ -92,6 +92,13 @@ static void next_token_arrives_exactly_on_time(void **state)
   assert_int_equal(gw_token_bucket_wait_ns(&b, &c, 1, T0 + 333333333), 1);
   assert_true(gw_token_bucket_admit(&b, &c, T0 + 333333334, NULL));
   assert_false(gw_token_bucket_admit(&b, &c, T0 + 333333334, NULL));
+  /* Same at the edge of a full bucket: 333,333,333 ns from empty are not yet "full". */
+  struct gw_token_bucket_config one = {.capacity = 1, .refill_per_sec = 3};
+  gw_token_bucket_init(&b, &one, T0);
+  assert_true(gw_token_bucket_admit(&b, &one, T0, NULL));
+  assert_false(gw_token_bucket_admit(&b, &one, T0 + 333333333, NULL));
+  assert_int_equal(b.nanotokens, 999999999);
+  assert_true(gw_token_bucket_admit(&b, &one, T0 + 333333334, NULL));
 }
 
 static void refusal_reports_retry_after_rounded_up(void **state)
