@@ -169,6 +169,26 @@ def _complete_response(buf):
     return m is not None and len(rest) >= int(m.group(1))
 
 
+def read_response_from(f):
+    """Reads one response (Content-Length framed) from a buffered binary file; a Response."""
+    line = f.readline(65536)
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", line)
+    if not m:
+        raise ValueError("bad status line %r" % line)
+    headers = []
+    while True:
+        h = f.readline(65536)
+        if h in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = h.decode("latin-1").partition(":")
+        headers.append((k.strip(), v.strip()))
+    n = 0
+    for k, v in headers:
+        if k.lower() == "content-length":
+            n = int(v)
+    return Response(int(m.group(1)), headers, f.read(n) if n else b"")
+
+
 def status_of(raw):
     m = re.match(rb"HTTP/1\.[01] (\d{3})", raw)
     return int(m.group(1)) if m else None

@@ -79,6 +79,13 @@ class ErrorsTest(harness.Case):
         self.assertEqual(harness.status_of(out), 413, out[:300])
         self.assertServing()
 
+    def test_expect_100_continue_over_the_limit_is_refused_before_the_body(self):
+        data = (b"POST /ok/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                b"Expect: 100-continue\r\n\r\n" % (MAX_BODY * 4))
+        out, _ = harness.raw_exchange(self.gw.port, data, timeout=5)
+        self.assertEqual(harness.status_of(out), 413, out[:300])
+        self.assertServing()
+
     # --- 502 / 504 -------------------------------------------------------------------------
 
     def test_upstream_unavailable(self):

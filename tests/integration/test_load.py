@@ -4,6 +4,7 @@
 import asyncio
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -126,6 +127,31 @@ class LoadTest(harness.Case):
             t.join(30)
         self.assertEqual(done, [200] * 50)
         self.assertLess(worst, 0.5 * harness.SLOW, "a fast request waited behind slow ones")
+
+    def test_slow_clients_do_not_block_others(self):
+        # 100 clients that send half a request and stall, plus a body trickled byte by byte.
+        stalled = []
+        try:
+            for _ in range(100):
+                s = socket.create_connection(("127.0.0.1", self.gw.port), timeout=5)
+                s.sendall(b"GET /fast/bench HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                stalled.append(s)
+            trickle = socket.create_connection(("127.0.0.1", self.gw.port), timeout=5)
+            stalled.append(trickle)
+            trickle.sendall(b"POST /fast/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+            worst = 0.0
+            for i in range(20):
+                trickle.sendall(b"z")
+                t0 = time.monotonic()
+                r = self.gw.get("/fast/bench")
+                worst = max(worst, time.monotonic() - t0)
+                self.assertEqual(r.status, 200)
+            self.assertLess(worst, 0.5 * harness.SLOW)
+            head = trickle.recv(65536)
+            self.assertIn(b" 200 ", head[:20])
+        finally:
+            for s in stalled:
+                s.close()
 
     def test_many_slow_requests_complete_concurrently(self):
         results = []

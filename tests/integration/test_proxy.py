@@ -3,6 +3,7 @@
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -161,6 +162,35 @@ class ProxyTest(harness.Case):
                 self.assertEqual(r.json()["query"], "i=%d" % i)
         finally:
             conn.close()
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        reqs = b"".join(b"GET /echo/pipe?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
+        s = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
+        try:
+            s.sendall(reqs)
+            f = s.makefile("rb")
+            for i in range(5):
+                r = harness.read_response_from(f)
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(r.json()["query"], "n=%d" % i)
+        finally:
+            s.close()
+
+    def test_expect_100_continue(self):
+        body = b"expected body"
+        s = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
+        try:
+            s.sendall(b"POST /echo/expect HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                      b"Expect: 100-continue\r\n\r\n" % len(body))
+            f = s.makefile("rb")
+            interim = harness.read_response_from(f)
+            self.assertEqual(interim.status, 100, interim)
+            s.sendall(body)
+            r = harness.read_response_from(f)
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(r.json()["body"], body.decode())
+        finally:
+            s.close()
 
     # --- strip_prefix ----------------------------------------------------------------------
 
