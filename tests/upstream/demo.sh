@@ -84,7 +84,19 @@ Try:
   curl -i http://127.0.0.1:8080/api/orders/status/503
   curl -i http://127.0.0.1:8080/api/slow/delay/2000        # 504 upstream_timeout after 1 s
   curl -i http://127.0.0.1:8080/nowhere                    # 404 route_not_found
-  curl -s -X POST -d '{"count": 3, "status": 503}' http://127.0.0.1:18080/__control/fail
+
+Policies:
+  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:8080/api/limited/bench; done; echo
+      # token bucket: 5 pass, then 429 rate_limited with Retry-After and RateLimit headers
+  curl -i -X POST -H 'Idempotency-Key: k1' -d '{"id": 8}' http://127.0.0.1:8080/api/orders/8
+      # run it twice: the second answer is replayed (Idempotent-Replayed: true)
+  curl -s -X POST -d '{"count": 2, "status": 503}' http://127.0.0.1:18080/__control/fail
+  curl -i http://127.0.0.1:8080/api/flaky/bench
+      # two 503s from the upstream, retried: the client sees 200
+  curl -s -X POST -d '{"count": 1000, "status": 500}' http://127.0.0.1:18080/__control/fail
+  for i in 1 2 3 4 5 6 7; do curl -s http://127.0.0.1:8080/api/flaky/bench; echo; done
+      # once 5 calls are in its window and half failed the breaker opens: fallback + Gateway-Degraded
+  curl -s -X POST http://127.0.0.1:18080/__control/reset
   curl -s http://127.0.0.1:18080/__control/stats
 
 Logs: $logdir/gateway.log (access log, one JSON object a line), $logdir/upstream.log
