@@ -34,7 +34,7 @@ int main(int argc, char **argv)
 {
     uint64_t seeds = 100, start = 1;
     int nodes = 0;
-    long steps = 3000;
+    long steps = 10000;
     bool verbose = false, quiet = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];

@@ -165,6 +165,7 @@ struct node {
     uint64_t last_commit;
     uint64_t lead_term, lead_last, lead_last_term;
     uint64_t lm_index, lm_term;
+    uint64_t commit_term; /* term in which it last advanced commit as leader */
 };
 
 enum ev_type { EV_TICK, EV_DELIVER, EV_IO, EV_CLIENT, EV_FAULT, EV_RESTART, EV_HEAL, EV_LIVE, EV_DEPOSE };
@@ -515,6 +516,21 @@ static void record_commit(struct sim *s, struct node *nd, const struct raft_stat
     nd->last_commit = st->commit;
 }
 
+/* Short reigns leave logs diverging across terms (the paper's Figure 8): with a per-seed
+ * chance, a leader is crashed or cut off soon after it is elected or first commits. */
+static void maybe_depose(struct sim *s, struct node *nd, uint64_t term, uint64_t within_us)
+{
+    if (!s->faults_on || rnd(s, 100) >= s->depose_pct)
+        return;
+    struct event ev = {0};
+    ev.time = s->now + 50 + rnd(s, within_us);
+    ev.type = EV_DEPOSE;
+    ev.node = (int)(nd - s->nodes);
+    ev.inc = nd->incarnation;
+    ev.from = term;
+    push(s, ev);
+}
+
 static void check_node(struct sim *s, struct node *nd)
 {
     if (!nd->up || s->res->failed)
@@ -535,16 +551,7 @@ static void check_node(struct sim *s, struct node *nd)
         if (*l == 0) {
             *l = nd->id;
             s->res->elections++;
-            if (s->faults_on && rnd(s, 100) < s->depose_pct) {
-                /* Short reigns leave logs diverging across terms (the paper's Figure 8). */
-                struct event ev = {0};
-                ev.time = s->now + 50 + rnd(s, 3 * TICK_US / 2);
-                ev.type = EV_DEPOSE;
-                ev.node = (int)(nd - s->nodes);
-                ev.inc = nd->incarnation;
-                ev.from = st.term;
-                push(s, ev);
-            }
+            maybe_depose(s, nd, st.term, 8 * TICK_US);
         } else if (*l != nd->id) {
             fail(s, "Election Safety: nodes %" PRIu64 " and %" PRIu64 " both leaders of term %" PRIu64,
                  *l, nd->id, st.term);
@@ -554,9 +561,14 @@ static void check_node(struct sim *s, struct node *nd)
     check_log_matching(s, nd, &st);
     if (s->res->failed)
         return;
+    uint64_t commit_before = nd->last_commit;
     record_commit(s, nd, &st);
     if (s->res->failed)
         return;
+    if (st.role == RAFT_LEADER && st.commit > commit_before && nd->commit_term != st.term) {
+        nd->commit_term = st.term;
+        maybe_depose(s, nd, st.term, 2 * TICK_US);
+    }
     if (st.role == RAFT_LEADER) {
         uint64_t t;
         if (nd->lead_term != st.term) {
