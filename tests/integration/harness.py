@@ -352,7 +352,13 @@ class Gateway:
     def start(self):
         log = os.path.join(self.workdir, "gateway.log")
         self.proc = Proc([GW_BIN, "-c", self.config_path], log)
-        if not wait_until(self.healthy, START_TIMEOUT_S, 0.05):
+        try:
+            ready = wait_until(self.healthy, START_TIMEOUT_S, 0.05)
+        except Exception:
+            self.proc.kill()
+            raise
+        if not ready:
+            self.proc.kill()
             raise RuntimeError("gateway not ready on %d: %s" % (self.api_port, self.proc.log()))
 
     def healthy(self):

@@ -159,6 +159,13 @@ class ConfigTest(harness.Case):
             targets=["http://127.0.0.1:18080", "http://:x"])),
             r"routes\[0\]\.upstream\.targets\[1\]")
 
+    def test_cluster_scope_needs_a_shared_backend(self):
+        def cluster_scope(c):
+            c["routes"][0]["policies"] = {"token_bucket": {"capacity": 10, "refill_per_sec": 5,
+                                                           "scope": "cluster"}}
+        self.assertRejected(with_change(cluster_scope),
+                            r"routes\[0\]\.policies\.token_bucket(\.scope)?")
+
     def test_every_problem_is_reported(self):
         def many(c):
             c["bogus"] = True
