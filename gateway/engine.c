@@ -109,6 +109,8 @@ struct worker {
   size_t free_count;
   struct req *upstreams;
   struct req **timers; /* owned: a binary min-heap of requests waiting out a backoff */
+  uint8_t *fd_state;   /* owned: lazy epoll registration of curl's sockets, 2 bytes per fd */
+  size_t fd_cap;
   size_t timer_count, timer_cap;
   int inflight;
   bool resumed;
@@ -289,6 +291,7 @@ static enum MHD_Result reply_error(struct req *r, int err)
 /* ---- upstream transfers ---- */
 
 static void upstream_link(struct worker *w, struct req *r);
+static int on_curl_close(void *userp, curl_socket_t s);
 
 static size_t on_resp_header(char *data, size_t size, size_t n, void *userp)
 {
@@ -550,6 +553,8 @@ static int start_upstream(struct req *r, uint64_t timeout_ms)
   curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_resp_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_curl_close);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, r->w);
   if (strcmp(r->method, "HEAD") == 0) {
     curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
   } else if (r->has_body) {
@@ -790,20 +795,87 @@ static void check_multi(struct worker *w)
   }
 }
 
+/*
+ * curl's sockets in the worker's epoll. Registration is lazy: when curl stops watching a socket
+ * (a keep-alive connection going back to the pool) it stays registered, so the next request on
+ * that connection costs no epoll_ctl. An event on a socket curl does not watch removes it then;
+ * curl's close callback removes it before the descriptor can be reused.
+ */
+enum { FD_IN = 1, FD_OUT = 2, FD_REGISTERED = 4 };
+
+static uint8_t *fd_slot(struct worker *w, int fd)
+{
+  if (fd < 0)
+    return NULL;
+  if ((size_t)fd >= w->fd_cap) {
+    size_t cap = w->fd_cap ? w->fd_cap : 256;
+    while (cap <= (size_t)fd)
+      cap *= 2;
+    uint8_t *p = realloc(w->fd_state, cap * 2);
+    if (!p)
+      return NULL;
+    memset(p + w->fd_cap * 2, 0, (cap - w->fd_cap) * 2);
+    w->fd_state = p;
+    w->fd_cap = cap;
+  }
+  return &w->fd_state[fd * 2]; /* [0]: registered mask, [1]: wanted mask */
+}
+
+static void fd_apply(struct worker *w, int fd, uint8_t *st)
+{
+  uint8_t want = st[1];
+  if ((st[0] & FD_REGISTERED) && (want == 0 || (st[0] & (FD_IN | FD_OUT)) == want))
+    return; /* nothing to change (an unwanted socket is dropped when it fires) */
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = ((want & FD_IN) ? EPOLLIN : 0) | ((want & FD_OUT) ? EPOLLOUT : 0);
+  ev.data.u64 = ((uint64_t)TAG_CURL << 32) | (uint32_t)fd;
+  if (want == 0)
+    return;
+  int op = (st[0] & FD_REGISTERED) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+  if (epoll_ctl(w->epfd, op, fd, &ev) != 0) {
+    op = op == EPOLL_CTL_MOD ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (epoll_ctl(w->epfd, op, fd, &ev) != 0)
+      return;
+  }
+  st[0] = FD_REGISTERED | want;
+}
+
+static void fd_forget(struct worker *w, int fd)
+{
+  uint8_t *st = fd_slot(w, fd);
+  if (st && (st[0] & FD_REGISTERED))
+    epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
+  if (st)
+    st[0] = st[1] = 0;
+}
+
 static int on_curl_socket(CURL *e, curl_socket_t s, int what, void *userp, void *socketp)
 {
   struct worker *w = userp;
-  if (what == CURL_POLL_REMOVE) {
-    epoll_ctl(w->epfd, EPOLL_CTL_DEL, s, NULL);
+  uint8_t *st = fd_slot(w, s);
+  if (!st) {
+    /* no memory for the lazy table: register eagerly */
+    struct epoll_event ev = {.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) |
+                                       ((what & CURL_POLL_OUT) ? EPOLLOUT : 0),
+                             .data.u64 = ((uint64_t)TAG_CURL << 32) | (uint32_t)s};
+    if (what == CURL_POLL_REMOVE)
+      epoll_ctl(w->epfd, EPOLL_CTL_DEL, s, NULL);
+    else if (epoll_ctl(w->epfd, EPOLL_CTL_MOD, s, &ev) != 0)
+      epoll_ctl(w->epfd, EPOLL_CTL_ADD, s, &ev);
     return 0;
   }
-  struct epoll_event ev;
-  memset(&ev, 0, sizeof(ev));
-  ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
-  ev.data.u64 = ((uint64_t)TAG_CURL << 32) | (uint32_t)s;
-  if (epoll_ctl(w->epfd, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
-    epoll_ctl(w->epfd, EPOLL_CTL_ADD, s, &ev);
+  st[1] = what == CURL_POLL_REMOVE ? 0
+                                   : (uint8_t)(((what & CURL_POLL_IN) ? FD_IN : 0) |
+                                               ((what & CURL_POLL_OUT) ? FD_OUT : 0));
+  fd_apply(w, s, st);
   return 0;
+}
+
+static int on_curl_close(void *userp, curl_socket_t s)
+{
+  fd_forget(userp, s);
+  return close(s);
 }
 
 static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
@@ -1160,6 +1232,11 @@ static void *worker_main(void *arg)
         }
       } else if (tag == TAG_CURL) {
         int fd = (int)(uint32_t)evs[i].data.u64;
+        uint8_t *st = fd_slot(w, fd);
+        if (st && st[1] == 0) {
+          fd_forget(w, fd); /* curl no longer watches it: a pooled connection closed or spoke */
+          continue;
+        }
         int flags = 0, running;
         if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
           flags |= CURL_CSELECT_IN;
@@ -1364,6 +1441,7 @@ void gw_engine_free(struct gw_engine *e)
     }
     gw_config_unref(w->cfg);
     free(w->timers);
+    free(w->fd_state);
     if (w->epfd >= 0)
       close(w->epfd);
     if (w->evfd >= 0)
