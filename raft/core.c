@@ -110,7 +110,7 @@ struct raft {
 
     /* A snapshot being received in chunks. */
     uint8_t *rcv_buf;
-    size_t rcv_len;
+    size_t rcv_len, rcv_total;
     bool rcv_active;
     uint64_t rcv_index, rcv_term;
     struct raft_membership rcv_conf;
@@ -753,6 +753,7 @@ static void handle_append(struct raft *r, const struct raft_message *m)
             return;
         pterm = e->term;
     }
+    /* Every entry here is past prev >= commit, so a truncation never touches a committed one. */
     bool conf_changed = false;
     for (uint32_t i = 0; i < a->n_entries; i++) {
         const struct raft_entry *e = &a->entries[i];
@@ -819,6 +820,8 @@ static void handle_append_resp(struct raft *r, const struct raft_message *m)
         send_append(r, slot, true, NULL);
         return;
     }
+    if (a->index > last_index(r))
+        return; /* cannot match what we do not have: not from a correct follower */
     bool progressed = false;
     if (a->index > pr->match) {
         pr->match = a->index;
@@ -880,11 +883,13 @@ static void handle_snapshot(struct raft *r, const struct raft_message *m)
         r->rcv_buf = malloc(s->total ? s->total : 1);
         r->rcv_active = r->rcv_buf != NULL;
         r->rcv_len = 0;
+        r->rcv_total = s->total;
         r->rcv_index = s->index;
         r->rcv_term = s->term;
         r->rcv_conf = s->conf;
     }
-    bool same = r->rcv_active && r->rcv_index == s->index && r->rcv_term == s->term;
+    bool same = r->rcv_active && r->rcv_index == s->index && r->rcv_term == s->term &&
+                r->rcv_total == s->total;
     if (!same || s->offset != r->rcv_len) {
         o = out_new(r, RAFT_MSG_SNAPSHOT_RESP, m->from, r->term);
         if (o) {
@@ -902,6 +907,10 @@ static void handle_snapshot(struct raft *r, const struct raft_message *m)
             o->m.u.snapshot_resp.index = s->index;
             o->m.u.snapshot_resp.next_offset = r->rcv_len;
         }
+        return;
+    }
+    if (r->rcv_len != r->rcv_total) {
+        r->rcv_active = false;
         return;
     }
     /* Figure 13 steps 5-8: if the log holds the snapshot's last entry, keep what follows it;
@@ -970,11 +979,40 @@ static void handle_snapshot_resp(struct raft *r, const struct raft_message *m)
     send_snapshot_chunk(r, slot);
 }
 
+/* Indexes and terms far beyond anything reachable come only from a broken peer; refusing them
+ * keeps the arithmetic below free of overflow. */
+#define INDEX_SANE_MAX (UINT64_C(1) << 62)
+
+static bool indexes_sane(const struct raft_message *m)
+{
+    if (m->term >= INDEX_SANE_MAX)
+        return false;
+    switch (m->type) {
+    case RAFT_MSG_VOTE:
+    case RAFT_MSG_PREVOTE:
+        return m->u.vote.last_index < INDEX_SANE_MAX && m->u.vote.last_term < INDEX_SANE_MAX;
+    case RAFT_MSG_APPEND:
+        return m->u.append.prev_index < INDEX_SANE_MAX &&
+               (m->u.append.n_entries == 0 || m->u.append.entries != NULL);
+    case RAFT_MSG_APPEND_RESP:
+        return m->u.append_resp.index < INDEX_SANE_MAX && m->u.append_resp.hint_index < INDEX_SANE_MAX;
+    case RAFT_MSG_SNAPSHOT:
+        return m->u.snapshot.index < INDEX_SANE_MAX && m->u.snapshot.index > 0 &&
+               m->u.snapshot.conf.n <= RAFT_MAX_MEMBERS && (m->u.snapshot.len == 0 || m->u.snapshot.data);
+    case RAFT_MSG_SNAPSHOT_RESP:
+        return m->u.snapshot_resp.index < INDEX_SANE_MAX;
+    default:
+        return true;
+    }
+}
+
 int raft_step(struct raft *r, const struct raft_message *m)
 {
     if (m->to != r->id || m->from == 0 || m->from == r->id)
         return 0;
     if (m->type < RAFT_MSG_VOTE || m->type > RAFT_MSG_TIMEOUT_NOW)
+        return 0;
+    if (!indexes_sane(m))
         return 0;
     bool vote_req = m->type == RAFT_MSG_VOTE || m->type == RAFT_MSG_PREVOTE;
     bool from_leader = m->type == RAFT_MSG_APPEND || m->type == RAFT_MSG_SNAPSHOT ||
