@@ -77,7 +77,11 @@ struct req {
   struct timespec started;
 
   CURL *easy;
-  struct curl_slist *up_headers;
+  struct curl_slist *up_headers; /* points into hdr_nodes */
+  struct gw_buf hdr_text;        /* the header lines, NUL-separated */
+  struct gw_buf hdr_nodes;       /* the list nodes */
+  size_t hdr_count;
+  bool headers_built;
   struct gw_buf url;
   struct gw_resp resp; /* the answer: the upstream's response or the gateway's */
   struct gw_conn_tokens resp_conn;
@@ -201,10 +205,10 @@ static void req_release_outstanding(struct req *r)
 static void req_put(struct worker *w, struct req *r)
 {
   req_release_outstanding(r);
-  if (r->up_headers) {
-    curl_slist_free_all(r->up_headers);
-    r->up_headers = NULL;
-  }
+  r->up_headers = NULL;
+  r->headers_built = false;
+  r->hdr_count = 0;
+  gw_buf_trim(&r->hdr_text, 16 * 1024);
   if (r->cfg) {
     gw_config_unref(r->cfg);
     r->cfg = NULL;
@@ -215,6 +219,8 @@ static void req_put(struct worker *w, struct req *r)
     free(r->target_raw.p);
     free(r->body.p);
     free(r->url.p);
+    gw_buf_free(&r->hdr_text);
+    gw_buf_free(&r->hdr_nodes);
     gw_buf_free(&r->resp.headers);
     gw_buf_free(&r->resp.body);
     free(r);
@@ -364,16 +370,48 @@ static enum MHD_Result collect_connection(void *cls, enum MHD_ValueKind kind, co
   return MHD_YES;
 }
 
+/*
+ * One upstream request header, in curl's syntax: "Name: value"; "Name;" sends an empty value;
+ * value NULL gives "Name:", which stops curl adding a default of its own. The lines live in one
+ * per-request buffer and the list nodes in another (no allocation per header).
+ */
 static bool slist_add(struct req *r, const char *name, size_t nl, const char *value)
 {
-  char line[8192];
-  int n = snprintf(line, sizeof(line), "%.*s: %s", (int)nl, name, value ? value : "");
-  if (n < 0 || (size_t)n >= sizeof(line))
+  size_t vl = value ? strlen(value) : 0;
+  if (!gw_buf_reserve(&r->hdr_text, nl + vl + 3))
     return false;
-  struct curl_slist *s = curl_slist_append(r->up_headers, line);
-  if (!s)
+  char *d = r->hdr_text.p + r->hdr_text.len;
+  memcpy(d, name, nl);
+  if (value && vl) {
+    d[nl] = ':';
+    d[nl + 1] = ' ';
+    memcpy(d + nl + 2, value, vl);
+    d[nl + 2 + vl] = '\0';
+    r->hdr_text.len += nl + vl + 3;
+  } else {
+    d[nl] = value ? ';' : ':';
+    d[nl + 1] = '\0';
+    r->hdr_text.len += nl + 2;
+  }
+  r->hdr_count++;
+  return true;
+}
+
+/* Link the lines of r->hdr_text into a curl_slist held in r->hdr_nodes. */
+static bool slist_link(struct req *r)
+{
+  size_t need = r->hdr_count * sizeof(struct curl_slist);
+  r->hdr_nodes.len = 0;
+  if (!gw_buf_reserve(&r->hdr_nodes, need))
     return false;
-  r->up_headers = s;
+  struct curl_slist *nodes = (struct curl_slist *)(void *)r->hdr_nodes.p;
+  char *p = r->hdr_text.p;
+  for (size_t i = 0; i < r->hdr_count; i++) {
+    nodes[i].data = p;
+    nodes[i].next = i + 1 < r->hdr_count ? &nodes[i + 1] : NULL;
+    p += strlen(p) + 1;
+  }
+  r->up_headers = r->hdr_count ? nodes : NULL;
   return true;
 }
 
@@ -480,15 +518,9 @@ static int build_upstream_headers(struct req *r)
        /* Empty values stop curl adding its own defaults. */
        slist_add(r, "Expect", 6, NULL) && (hw.has_accept || slist_add(r, "Accept", 6, NULL)) &&
        (hw.has_content_type || slist_add(r, "Content-Type", 12, NULL));
-  if (!ok)
+  if (!ok || !slist_link(r))
     return GW_ENOMEM;
-  /* "Name:" with nothing after removes the header in curl; "Name: " would send it empty. */
-  for (struct curl_slist *s = r->up_headers; s; s = s->next) {
-    size_t l = strlen(s->data);
-    if (l >= 2 && s->data[l - 1] == ' ' && s->data[l - 2] == ':')
-      s->data[l - 1] = '\0';
-  }
-
+  r->headers_built = true;
   return 0;
 }
 
@@ -521,7 +553,7 @@ static int start_upstream(struct req *r, uint64_t timeout_ms)
   if (!gw_buf_append(&r->url, path, path_len) || !gw_buf_append(&r->url, query, strlen(query)))
     return GW_ENOMEM;
 
-  if (!r->up_headers) {
+  if (!r->headers_built) {
     int err = build_upstream_headers(r);
     if (err)
       return err;
@@ -1435,6 +1467,8 @@ void gw_engine_free(struct gw_engine *e)
       free(r->target_raw.p);
       free(r->body.p);
       free(r->url.p);
+      gw_buf_free(&r->hdr_text);
+      gw_buf_free(&r->hdr_nodes);
       gw_buf_free(&r->resp.headers);
       gw_buf_free(&r->resp.body);
       free(r);

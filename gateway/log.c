@@ -126,13 +126,24 @@ size_t gw_jbuf_end(struct gw_jbuf *j)
 
 void gw_log_begin(struct gw_jbuf *j, char *buf, size_t cap, const char *level, const char *msg)
 {
+  /* The date part changes once a second: format it once per second per thread. */
+  static _Thread_local time_t cached_sec = -1;
+  static _Thread_local char when[40];
+  static _Thread_local size_t date_len;
   struct timespec ts;
-  struct tm tm;
-  char when[40];
   clock_gettime(CLOCK_REALTIME, &ts);
-  gmtime_r(&ts.tv_sec, &tm);
-  size_t n = strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
-  snprintf(when + n, sizeof(when) - n, ".%03ldZ", ts.tv_nsec / 1000000);
+  if (ts.tv_sec != cached_sec) {
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    date_len = strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S.", &tm);
+    cached_sec = ts.tv_sec;
+  }
+  long ms = ts.tv_nsec / 1000000;
+  when[date_len] = (char)('0' + ms / 100);
+  when[date_len + 1] = (char)('0' + ms / 10 % 10);
+  when[date_len + 2] = (char)('0' + ms % 10);
+  when[date_len + 3] = 'Z';
+  when[date_len + 4] = '\0';
   gw_jbuf_init(j, buf, cap);
   gw_jbuf_str(j, "ts", when);
   gw_jbuf_str(j, "level", level);
