@@ -114,8 +114,9 @@ bool gw_breaker_is_failure(const struct gw_breaker_config *cfg, enum gw_try_resu
 /*
  * Asks to send one call at now_ns. Returns true and an admitted ticket, or false (reject with
  * 503 circuit_open; ticket->retry_after_ns says how long until OPEN ends, 0 if the breaker is
- * half-open with all trials out). Every admitted ticket must later be passed to exactly one of
- * gw_breaker_record or gw_breaker_cancel.
+ * half-open with all trials out or forced open, where Retry-After: 1 is the honest answer).
+ * Every admitted ticket must later be passed to exactly one of gw_breaker_record or
+ * gw_breaker_cancel.
  */
 bool gw_breaker_acquire(struct gw_breaker *b, uint64_t now_ns, struct gw_breaker_ticket *ticket);
 
