@@ -247,6 +247,7 @@ struct sim {
     int probe_node;
     uint64_t probe_inc, probe_index;
     bool live_ok;
+    uint64_t live_index; /* where the liveness probe committed */
     uint64_t heal_time;
     uint64_t bench_committed;
 
@@ -1004,8 +1005,10 @@ static void client_applied(struct sim *s, struct node *nd, const struct dentry *
     }
     if (s->probe_op && s->probe_node == k && s->probe_inc == nd->incarnation &&
         e->index == s->probe_index) {
-        if (e->len == 8 && get64(e->data) == s->probe_op)
+        if (e->len == 8 && get64(e->data) == s->probe_op) {
             s->live_ok = true;
+            s->live_index = e->index;
+        }
         s->probe_op = 0;
     }
     if (s->o.no_faults && e->type == RAFT_ENTRY_NORMAL) {
@@ -1339,6 +1342,21 @@ static void handle(struct sim *s, struct event *e)
     }
 }
 
+/* After healing, every member of the leader's configuration applies the liveness probe. */
+static bool converged(struct sim *s)
+{
+    int l = find_leader(s);
+    if (l < 0)
+        return false;
+    const struct raft_membership *c = raft_membership(s->nodes[l].r);
+    for (uint32_t i = 0; i < c->n; i++) {
+        const struct node *nd = &s->nodes[c->members[i].id - 1];
+        if (!nd->up || nd->fsm_index < s->live_index)
+            return false;
+    }
+    return true;
+}
+
 static void sim_free(struct sim *s)
 {
     for (int k = 0; k < s->n; k++) {
@@ -1425,12 +1443,13 @@ int sim_run(const struct sim_opts *o, struct sim_result *res)
         }
         if (s->faults_on && s->steps_done >= o->steps)
             heal_everything(s);
-        if (!s->faults_on && s->live_ok)
+        if (!s->faults_on && s->live_ok && converged(s))
             break;
         if (!s->faults_on && s->now - s->heal_time > 400 * TICK_US) {
             int l = find_leader(s);
             fail(s, "liveness: %s %" PRIu64 " ms after faults healed",
-                 l < 0 ? "no leader" : "no proposal committed", (s->now - s->heal_time) / 1000);
+                 l < 0 ? "no leader" : !s->live_ok ? "no proposal committed" : "members not caught up",
+                 (s->now - s->heal_time) / 1000);
         }
     }
     res->events = s->steps_done;
