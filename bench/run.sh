@@ -174,6 +174,7 @@ EOF
 }
 
 echo "bench: $(nproc) cores, $(uname -sr), wrk ${duration}s -t$wrk_threads, path /bench"
+echo "bench: load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every number)"
 echo "bench: $("$gateway" --version 2>&1 | head -1); $("$nginx_bin" -v 2>&1)"
 start_upstream
 write_gateway_config
