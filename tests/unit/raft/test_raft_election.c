@@ -292,6 +292,60 @@ static void single_voter_elects_itself_and_commits_after_persisting(void **state
     raft_free(r);
 }
 
+static void leader_sends_heartbeats_when_idle(void **state)
+{
+    struct tknobs k = tk_default();
+    k.heartbeat_ticks = 3;
+    struct tcluster t;
+    t_init(&t, &k, 3);
+    t_elect(&t, 1);
+    struct raft_message out[8];
+    t_tick(&t, 1, 2);
+    t_drop_queue(&t);
+    raft_tick(t.r[1]);
+    assert_int_equal(t_take(t.r[1], RAFT_MSG_APPEND, out, 8, NULL), 2);
+    assert_int_equal(out[0].u.append.n_entries, 0);
+    assert_int_equal(out[0].u.append.commit, 1);
+    t_free(&t);
+}
+
+static void follower_hearing_from_leader_does_not_campaign(void **state)
+{
+    struct tknobs k = tk_default();
+    struct tcluster t;
+    t_init(&t, &k, 3);
+    t_elect(&t, 1);
+    t_tick_all(&t, 100);
+    assert_int_equal(t_st(&t, 1).role, RAFT_LEADER);
+    assert_int_equal(t_st(&t, 1).term, 1);
+    assert_int_equal(t_st(&t, 2).role, RAFT_FOLLOWER);
+    assert_int_equal(t_st(&t, 3).term, 1);
+    t_free(&t);
+}
+
+static void new_leader_elected_after_leader_fails(void **state)
+{
+    struct tknobs k = tk_default();
+    k.pre_vote = true;
+    k.check_quorum = true;
+    struct tcluster t;
+    t_init(&t, &k, 5);
+    t_elect(&t, 1);
+    t_propose(&t, 1, 1);
+    t_settle(&t);
+    t_isolate(&t, 1, true);
+    for (int i = 0; i < 60; i++) {
+        for (int id = 2; id <= 5; id++)
+            t_tick(&t, id, 1);
+        t_settle(&t);
+    }
+    int leaders = 0;
+    for (int id = 2; id <= 5; id++)
+        leaders += t_st(&t, id).role == RAFT_LEADER;
+    assert_int_equal(leaders, 1);
+    t_free(&t);
+}
+
 /* ---------------------------------------------------------------- PreVote */
 
 static void prevote_does_not_change_term(void **state)
@@ -432,6 +486,9 @@ int main(void)
         cmocka_unit_test(stale_term_append_is_ignored),
         cmocka_unit_test(stale_leader_is_told_the_newer_term_with_check_quorum),
         cmocka_unit_test(single_voter_elects_itself_and_commits_after_persisting),
+        cmocka_unit_test(leader_sends_heartbeats_when_idle),
+        cmocka_unit_test(follower_hearing_from_leader_does_not_campaign),
+        cmocka_unit_test(new_leader_elected_after_leader_fails),
         cmocka_unit_test(prevote_does_not_change_term),
         cmocka_unit_test(prevote_majority_starts_real_election),
         cmocka_unit_test(prevote_voter_keeps_its_term),
