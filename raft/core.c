@@ -924,6 +924,7 @@ static void handle_snapshot(struct raft *r, const struct raft_message *m)
         r->log_first = s->index + 1;
         if (r->stable > s->index)
             r->stable = s->index;
+        r->unstable_from = s->index + 1; /* whatever follows will be new */
     }
     if (r->log_n == 0)
         r->log_first = s->index + 1;

@@ -146,6 +146,52 @@ static void installed_snapshot_is_handed_out_before_entries_that_follow(void **s
     raft_free(r);
 }
 
+static void entries_after_a_snapshot_that_replaced_the_log_are_persisted(void **state)
+{
+    struct tknobs k = tk_default();
+    struct raft *r = t_node(&k, 1, 3);
+    /* five durable entries of term 1, none committed */
+    struct raft_entry e[5];
+    for (int i = 0; i < 5; i++)
+        e[i] = (struct raft_entry){1, (uint64_t)i + 1, RAFT_ENTRY_NORMAL, 0, NULL};
+    struct raft_message m = t_msg(RAFT_MSG_APPEND, 2, 1, 1);
+    m.u.append.entries = e;
+    m.u.append.n_entries = 5;
+    raft_step(r, &m);
+    struct raft_message out[4];
+    t_take(r, 0, out, 4, NULL);
+    /* a snapshot at 3 from a later term: the whole log goes */
+    uint8_t img[1] = {1};
+    m = t_msg(RAFT_MSG_SNAPSHOT, 3, 1, 2);
+    m.u.snapshot.index = 3;
+    m.u.snapshot.term = 2;
+    m.u.snapshot.total = 1;
+    m.u.snapshot.len = 1;
+    m.u.snapshot.data = img;
+    m.u.snapshot.done = true;
+    m.u.snapshot.conf = *raft_membership(r);
+    raft_step(r, &m);
+    t_take(r, 0, out, 4, NULL);
+    /* then entries 4 and 5 of term 2 arrive: they must be handed out to persist */
+    struct raft_entry f[2] = {{2, 4, RAFT_ENTRY_NORMAL, 0, NULL}, {2, 5, RAFT_ENTRY_NORMAL, 0, NULL}};
+    m = t_msg(RAFT_MSG_APPEND, 3, 1, 2);
+    m.u.append.prev_index = 3;
+    m.u.append.prev_term = 2;
+    m.u.append.entries = f;
+    m.u.append.n_entries = 2;
+    raft_step(r, &m);
+    struct raft_update u;
+    raft_ready(r, &u);
+    assert_int_equal(u.n_entries, 2);
+    assert_int_equal(u.entries[0].index, 4);
+    assert_int_equal(u.entries[0].term, 2);
+    raft_advance(r, &u);
+    struct raft_status st;
+    raft_status(r, &st);
+    assert_int_equal(st.stable_index, 5);
+    raft_free(r);
+}
+
 static void restart_restores_snapshot_log_and_hard_state(void **state)
 {
     struct tknobs k = tk_default();
@@ -434,6 +480,7 @@ int main(void)
         cmocka_unit_test(lagging_follower_receives_snapshot_in_chunks),
         cmocka_unit_test(snapshot_chunk_at_unexpected_offset_is_answered_with_expected_offset),
         cmocka_unit_test(installed_snapshot_is_handed_out_before_entries_that_follow),
+        cmocka_unit_test(entries_after_a_snapshot_that_replaced_the_log_are_persisted),
         cmocka_unit_test(restart_restores_snapshot_log_and_hard_state),
         cmocka_unit_test(learner_receives_log_but_neither_votes_nor_counts),
         cmocka_unit_test(promotion_refused_until_learner_has_caught_up),
