@@ -248,6 +248,10 @@ struct sim {
     uint64_t probe_inc, probe_index;
     bool live_ok;
     uint64_t live_index; /* where the liveness probe committed */
+    struct {
+        uint64_t op, index;
+    } *acked; /* acknowledged increments */
+    size_t n_acked, cap_acked;
     uint64_t heal_time;
     uint64_t bench_committed;
 
@@ -1000,6 +1004,13 @@ static void client_applied(struct sim *s, struct node *nd, const struct dentry *
         if (e->len == 8 && get64(e->data) == c->op && e->term == c->term) {
             s->acked_incs++;
             s->res->acked_ops++;
+            if (s->n_acked == s->cap_acked) {
+                s->cap_acked = s->cap_acked ? s->cap_acked * 2 : 256;
+                s->acked = xrealloc(s->acked, s->cap_acked * sizeof(*s->acked));
+            }
+            s->acked[s->n_acked].op = c->op;
+            s->acked[s->n_acked].index = e->index;
+            s->n_acked++;
         }
         client_finish(c);
     }
@@ -1357,8 +1368,39 @@ static bool converged(struct sim *s)
     return true;
 }
 
+/* The end of the client history: the counter holds exactly the committed increments, and every
+ * acknowledged increment is among them, once, where it was acknowledged. */
+static void final_check(struct sim *s)
+{
+    int l = find_leader(s);
+    if (l < 0)
+        return;
+    const struct node *nd = &s->nodes[l];
+    uint64_t incs = 0;
+    for (uint64_t i = 1; i <= nd->fsm_index && i < s->rec_cap; i++) {
+        if (!s->committed[i].set) {
+            fail(s, "index %" PRIu64 " applied by the leader was never seen committed", i);
+            return;
+        }
+        incs += s->committed[i].op != 0;
+    }
+    if (nd->counter != incs) {
+        fail(s, "counter %" PRIu64 " but %" PRIu64 " increments committed", nd->counter, incs);
+        return;
+    }
+    for (size_t k = 0; k < s->n_acked; k++) {
+        uint64_t op = s->acked[k].op;
+        if (op >= s->op_cap || s->op_index[op] != s->acked[k].index) {
+            fail(s, "lost increment: op %" PRIu64 " acknowledged at index %" PRIu64
+                    " is not committed there", op, s->acked[k].index);
+            return;
+        }
+    }
+}
+
 static void sim_free(struct sim *s)
 {
+    free(s->acked);
     for (int k = 0; k < s->n; k++) {
         struct node *nd = &s->nodes[k];
         raft_free(nd->r);
@@ -1443,8 +1485,10 @@ int sim_run(const struct sim_opts *o, struct sim_result *res)
         }
         if (s->faults_on && s->steps_done >= o->steps)
             heal_everything(s);
-        if (!s->faults_on && s->live_ok && converged(s))
+        if (!s->faults_on && s->live_ok && converged(s)) {
+            final_check(s);
             break;
+        }
         if (!s->faults_on && s->now - s->heal_time > 400 * TICK_US) {
             int l = find_leader(s);
             fail(s, "liveness: %s %" PRIu64 " ms after faults healed",
