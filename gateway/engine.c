@@ -563,30 +563,38 @@ static int start_upstream(struct req *r, uint64_t timeout_ms)
   r->resp_too_large = false;
   gw_resp_reset(&r->resp);
 
+  /* The handle is reused with the context. Options that never change are set once; those
+   * that do are all set again below (curl_easy_reset would zero and rebuild its whole state). */
   if (!r->easy) {
     r->easy = curl_easy_init();
     if (!r->easy)
       return GW_ENOMEM;
-  } else {
-    curl_easy_reset(r->easy);
+    CURL *e0 = r->easy;
+    curl_easy_setopt(e0, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e0, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e0, CURLOPT_PROXY, "");
+    curl_easy_setopt(e0, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e0, CURLOPT_PATH_AS_IS, 1L);
+    curl_easy_setopt(e0, CURLOPT_HEADERFUNCTION, on_resp_header);
+    curl_easy_setopt(e0, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e0, CURLOPT_WRITEFUNCTION, on_resp_body);
+    curl_easy_setopt(e0, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e0, CURLOPT_READDATA, r);
+    curl_easy_setopt(e0, CURLOPT_SEEKDATA, r);
+    curl_easy_setopt(e0, CURLOPT_CLOSESOCKETFUNCTION, on_curl_close);
+    curl_easy_setopt(e0, CURLOPT_CLOSESOCKETDATA, r->w);
   }
   CURL *e = r->easy;
   curl_easy_setopt(e, CURLOPT_URL, t->base);
   curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, r->url.p);
-  curl_easy_setopt(e, CURLOPT_PRIVATE, r);
-  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_PROXY, "");
-  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
-  curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)rt->connect_timeout_ms);
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
   curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->up_headers);
-  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_resp_header);
-  curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
-  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_resp_body);
-  curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-  curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_curl_close);
-  curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, r->w);
+  /* Back to a plain GET, then the method's own options. */
+  curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+  curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, NULL);
+  curl_easy_setopt(e, CURLOPT_READFUNCTION, NULL);
+  curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, NULL);
   if (strcmp(r->method, "HEAD") == 0) {
     curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
   } else if (r->has_body) {
@@ -600,10 +608,9 @@ static int start_upstream(struct req *r, uint64_t timeout_ms)
        * 502 instead of a second execution. */
       r->body_sent = 0;
       curl_easy_setopt(e, CURLOPT_POST, 1L);
+      curl_easy_setopt(e, CURLOPT_POSTFIELDS, NULL);
       curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
-      curl_easy_setopt(e, CURLOPT_READDATA, r);
       curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, refuse_seek);
-      curl_easy_setopt(e, CURLOPT_SEEKDATA, r);
     }
     if (strcmp(r->method, "POST") != 0)
       curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, r->method);

@@ -30,39 +30,50 @@ static void put(struct gw_jbuf *j, const char *s, size_t n)
   j->len += n;
 }
 
+/* Bytes that need an escape in a JSON string: '"', '\\' and controls. */
+static bool needs_escape(unsigned char ch) { return ch == '"' || ch == '\\' || ch < 0x20 || ch == 0x7f; }
+
 size_t gw_json_escape(char *out, size_t cap, const char *val, size_t n, size_t *consumed)
 {
   static const char hex[] = "0123456789abcdef";
-  size_t o = 0;
-  for (size_t i = 0; i < n; i++) {
+  size_t o = 0, i = 0;
+  while (i < n) {
+    /* Copy the run of plain bytes in one go. */
+    size_t run = i;
+    while (run < n && !needs_escape((unsigned char)val[run]))
+      run++;
+    size_t plain = run - i;
+    if (plain) {
+      if (o + plain > cap)
+        plain = cap - o;
+      memcpy(out + o, val + i, plain);
+      o += plain;
+      i += plain;
+      if (i < run)
+        break; /* out of room */
+      continue;
+    }
     unsigned char ch = (unsigned char)val[i];
-    char esc[7];
-    size_t el = 0;
+    char esc[6];
+    size_t el;
     if (ch == '"' || ch == '\\') {
       esc[0] = '\\';
       esc[1] = (char)ch;
       el = 2;
-    } else if (ch < 0x20 || ch == 0x7f) {
-      esc[0] = '\\';
-      esc[1] = 'u';
-      esc[2] = '0';
-      esc[3] = '0';
+    } else {
+      memcpy(esc, "\\u00", 4);
       esc[4] = hex[ch >> 4];
       esc[5] = hex[ch & 15];
       el = 6;
-    } else {
-      esc[0] = (char)ch;
-      el = 1;
     }
-    if (o + el > cap) {
-      n = i;
+    if (o + el > cap)
       break;
-    }
     memcpy(out + o, esc, el);
     o += el;
+    i++;
   }
   if (consumed)
-    *consumed = n;
+    *consumed = i;
   return o;
 }
 
