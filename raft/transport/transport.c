@@ -37,6 +37,7 @@
 #define MAX_PENDING_INBOUND 16
 #define READ_BUDGET (4 * 1024 * 1024)
 #define EPOLL_BATCH 64
+#define LISTEN_PAUSE_MS 100 /* after accept fails for want of descriptors or memory */
 #define HS_PAYLOAD 28 /* "GWRT", cluster id, sender, receiver */
 #define HS_FRAME (HDR + HS_PAYLOAD)
 /* Offsets into raft_msg_encode's form, used only to size the entry array before decoding:
@@ -262,6 +263,8 @@ struct gw_transport {
     gw_transport_on_message on_message;
     void *ctx;
     int epfd, lfd;
+    bool listen_paused;
+    uint64_t listen_resume_ms;
     struct sockaddr_storage laddr;
     socklen_t laddr_len;
     uint64_t now_ms;
@@ -787,7 +790,16 @@ static void accept_all(struct gw_transport *t)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
-            return; /* EAGAIN, or out of descriptors: level-triggered, retried next run */
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                /* Out of descriptors or memory: the pending connection stays in the backlog
+                 * and the level-triggered listener would wake the loop at once, forever.
+                 * Stop watching it for a while instead. */
+                if (epoll_ctl(t->epfd, EPOLL_CTL_DEL, t->lfd, NULL) == 0) {
+                    t->listen_paused = true;
+                    t->listen_resume_ms = t->now_ms + LISTEN_PAUSE_MS;
+                }
+            }
+            return;
         }
         t->st.accepted++;
         if (t->n_pending >= MAX_PENDING_INBOUND) {
@@ -1004,9 +1016,18 @@ int gw_transport_send(struct gw_transport *t, const struct raft_message *m)
 
 int gw_transport_run(struct gw_transport *t, uint64_t now_ms)
 {
+    if (t->in_run)
+        return GW_TRANSPORT_ERR_INVALID; /* called from the callback */
     int rc = 0;
     t->in_run = true;
     t->now_ms = now_ms;
+    if (t->listen_paused && now_ms >= t->listen_resume_ms) {
+        struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
+        if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, t->lfd, &lev) == 0)
+            t->listen_paused = false;
+        else
+            t->listen_resume_ms = now_ms + LISTEN_PAUSE_MS;
+    }
     struct epoll_event ev[EPOLL_BATCH];
     for (int round = 0; round < 4; round++) {
         int n = epoll_wait(t->epfd, ev, EPOLL_BATCH, 0);
@@ -1060,8 +1081,8 @@ int gw_transport_run(struct gw_transport *t, uint64_t now_ms)
 
 int gw_transport_next_timeout_ms(const struct gw_transport *t, uint64_t now_ms)
 {
-    bool any = false;
-    uint64_t due = 0;
+    bool any = t->listen_paused;
+    uint64_t due = t->listen_resume_ms;
     for (unsigned i = 0; i < t->n_peers; i++) {
         const struct peer *p = t->peers[i];
         const struct conn *c = p->conn;

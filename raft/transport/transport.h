@@ -127,7 +127,8 @@ int gw_transport_send(struct gw_transport *t, const struct raft_message *m);
 
 /* Does all pending work without blocking: accepts, connects, handshakes, reads (calling
  * on_message), writes, retries and timeouts. now_ms is a monotonic clock in milliseconds.
- * Errors: GW_TRANSPORT_ERR_IO if epoll_wait itself fails. */
+ * Errors: GW_TRANSPORT_ERR_IO if epoll_wait itself fails, GW_TRANSPORT_ERR_INVALID if called
+ * from inside the callback. */
 int gw_transport_run(struct gw_transport *t, uint64_t now_ms);
 
 /* Milliseconds until run has timed work to do (0: now, for example queued frames waiting for a

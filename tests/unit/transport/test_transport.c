@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include <sys/resource.h>
+
 #include "harness.h"
 
 #define WAIT_MS 5000
@@ -678,6 +680,99 @@ static void bad_arguments_are_refused(void **state)
     gw_transport_free(t);
 }
 
+static void ipv6_loopback_works(void **state)
+{
+    struct sockaddr_storage a6;
+    memset(&a6, 0, sizeof(a6));
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a6;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_addr = in6addr_loopback;
+    struct node a, b;
+    memset(&a, 0, sizeof(a));
+    memset(&b, 0, sizeof(b));
+    a.id = 1;
+    b.id = 2;
+    if (gw_transport_new(1, &a6, sizeof(*in6), NULL, h_on_message, &a.rec, &a.t) != 0)
+        skip(); /* no IPv6 here */
+    assert_int_equal(gw_transport_new(2, &a6, sizeof(*in6), NULL, h_on_message, &b.rec, &b.t), 0);
+    assert_int_equal(gw_transport_local_addr(a.t, &a.addr, &a.addr_len), 0);
+    assert_int_equal(gw_transport_local_addr(b.t, &b.addr, &b.addr_len), 0);
+    node_link(&a, &b);
+    struct raft_message hb = h_heartbeat(1, 2, 9);
+    assert_int_equal(gw_transport_send(a.t, &hb), 0);
+    struct node *ns[] = {&a, &b};
+    struct count_cond c = {&b.rec, 1};
+    assert_true(pump(ns, 2, h_got_n, &c, WAIT_MS));
+    assert_int_equal(b.rec.v[0].seq, 9);
+    node_stop(&a);
+    node_stop(&b);
+}
+
+static struct gw_transport *nested_t;
+static int nested_rc = 1;
+
+static void run_again(const struct raft_message *m, void *ctx)
+{
+    nested_rc = gw_transport_run(nested_t, h_now_ms());
+}
+
+static void run_from_inside_the_callback_is_refused(void **state)
+{
+    struct node a;
+    node_start(&a, 1, 0, NULL);
+    socklen_t len;
+    struct sockaddr_storage any = h_loopback(0, &len);
+    assert_int_equal(gw_transport_new(2, &any, len, NULL, run_again, NULL, &nested_t), 0);
+    struct node bn;
+    memset(&bn, 0, sizeof(bn));
+    bn.id = 2;
+    bn.t = nested_t;
+    assert_int_equal(gw_transport_local_addr(nested_t, &bn.addr, &bn.addr_len), 0);
+    node_link(&a, &bn);
+    struct raft_message hb = h_heartbeat(1, 2, 1);
+    assert_int_equal(gw_transport_send(a.t, &hb), 0);
+    struct node *ns[] = {&a, &bn};
+    struct conn_cond cc = {&bn, 1};
+    assert_true(pump(ns, 2, h_connected, &cc, WAIT_MS));
+    pump(ns, 2, NULL, NULL, 50);
+    assert_int_equal(nested_rc, GW_TRANSPORT_ERR_INVALID);
+    gw_transport_free(nested_t);
+    node_stop(&a);
+}
+
+static void listener_pauses_when_out_of_descriptors_instead_of_spinning(void **state)
+{
+    struct node a, b;
+    node_start(&a, 1, 0, NULL);
+    node_start(&b, 2, 0, NULL);
+    int fd = raw_connect(&b); /* completes in the kernel's backlog, not yet accepted */
+    struct rlimit old;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    int lowest = dup(0);
+    assert_true(lowest >= 0);
+    close(lowest);
+    struct rlimit tight = old;
+    tight.rlim_cur = (rlim_t)lowest; /* no new descriptor can be made */
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    assert_int_equal(gw_transport_run(b.t, h_now_ms()), 0);
+    int wait = gw_transport_next_timeout_ms(b.t, h_now_ms());
+    struct pollfd pfd = {.fd = gw_transport_fd(b.t), .events = POLLIN};
+    int ready = poll(&pfd, 1, 20);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+    assert_true(wait > 0 && wait <= 100); /* a timer to retry, */
+    assert_int_equal(ready, 0);           /* and no busy wake-ups meanwhile */
+
+    /* With descriptors back the connection is accepted and served. */
+    raw_handshake(fd, 0, 1, 2);
+    assert_int_equal(gw_transport_set_peer(b.t, 1, &a.addr, a.addr_len), 0);
+    struct node *ns[] = {&b};
+    struct conn_cond cc = {&b, 1};
+    assert_true(pump(ns, 1, h_connected, &cc, WAIT_MS));
+    close(fd);
+    node_stop(&a);
+    node_stop(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -705,6 +800,9 @@ int main(void)
         cmocka_unit_test(remove_peer_closes_its_connection_and_drops_later_sends),
         cmocka_unit_test(remove_peer_from_inside_the_callback_is_safe),
         cmocka_unit_test(changing_a_peer_address_moves_the_connection),
+        cmocka_unit_test(ipv6_loopback_works),
+        cmocka_unit_test(run_from_inside_the_callback_is_refused),
+        cmocka_unit_test(listener_pauses_when_out_of_descriptors_instead_of_spinning),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
