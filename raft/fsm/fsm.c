@@ -601,6 +601,12 @@ struct app {
     int err;
 };
 
+/* t + d, saturating: a stamp near the end of time must not wrap a deadline into the past. */
+static uint64_t later(uint64_t t, uint64_t d)
+{
+    return t > UINT64_MAX - d ? UINT64_MAX : t + d;
+}
+
 static bool overdue(const struct app *a, const struct fsm_lease *l)
 {
     return l->dying || a->t >= l->expires_at;
@@ -624,7 +630,7 @@ static struct fsm_lease *lease_new(struct app *a, uint64_t id, uint64_t ttl_ms)
     }
     l->id = id;
     l->ttl_ms = ttl_ms;
-    l->expires_at = a->t + ttl_ms;
+    l->expires_at = later(a->t, ttl_ms);
     return l;
 }
 
@@ -957,7 +963,7 @@ static void do_lease_keepalive(struct app *a, const struct gw_fsm_cmd *c)
         main_end(a->res);
         return;
     }
-    l->expires_at = a->t + l->ttl_ms;
+    l->expires_at = later(a->t, l->ttl_ms);
     main_begin(a->res, 200, C_NONE);
     put_lease_body(a->res, l);
     main_end(a->res);
@@ -1090,7 +1096,7 @@ static void do_lock_acquire(struct app *a, const struct gw_fsm_cmd *c)
     w->id = a->index;
     w->lease_id = c->lease_id;
     w->ttl_ms = c->lease_id ? 0 : c->ttl_ms;
-    w->deadline = a->t + c->wait_ms;
+    w->deadline = later(a->t, c->wait_ms);
     w->lock = lk;
     w->owner_len = (uint8_t)c->owner_len;
     memcpy(w->owner, c->owner, c->owner_len);

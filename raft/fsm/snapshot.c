@@ -260,7 +260,8 @@ static int load(struct gw_fsm *g, const uint8_t *buf, size_t len)
     uint32_t count = (uint32_t)r_le(&r, 4);
     for (uint32_t i = 0; i < count && !r.bad; i++) {
         uint64_t id = r_le(&r, 8), ttl = r_le(&r, 8), exp = r_le(&r, 8);
-        if (r.bad || id == 0 || fsm_lease_find(g, id) != NULL)
+        if (r.bad || id == 0 || fsm_lease_find(g, id) != NULL || ttl < GW_FSM_TTL_MIN_MS ||
+            ttl > GW_FSM_TTL_MAX_MS)
             goto out;
         struct fsm_lease *l = calloc(1, sizeof(*l));
         if (l == NULL || htab_insert(&g->leases, fsm_hash_id(id), l) < 0) {
@@ -318,8 +319,10 @@ static int load(struct gw_fsm *g, const uint8_t *buf, size_t len)
             s = r_str8(&r, &n);
             if (r.bad || !gw_fsm_owner_valid(s, n) || w->id == 0)
                 goto out;
+            /* A waiter with its own ttl becomes lease w->id when granted: that id must be free. */
             if (w->lease_id != 0 ? fsm_lease_find(g, w->lease_id) == NULL
-                                 : (w->ttl_ms < GW_FSM_TTL_MIN_MS || w->ttl_ms > GW_FSM_TTL_MAX_MS))
+                                 : (w->ttl_ms < GW_FSM_TTL_MIN_MS || w->ttl_ms > GW_FSM_TTL_MAX_MS ||
+                                    fsm_lease_find(g, w->id) != NULL))
                 goto out;
             w->owner_len = (uint8_t)n;
             memcpy(w->owner, s, n);
