@@ -890,6 +890,7 @@ static void parse_node(struct ctx *c, const cJSON *o, struct gw_config *cfg)
                                      "workers",
                                      "idle_timeout_ms",
                                      "max_response_bytes",
+                                     "connection_memory_bytes",
                                      NULL};
   if (!check_object(c, o, "node", keys))
     return;
@@ -907,6 +908,7 @@ static void parse_node(struct ctx *c, const cJSON *o, struct gw_config *cfg)
   get_u32(c, o, "max_connections", 1, 10000000, false, &cfg->max_connections);
   get_u32(c, o, "workers", 1, 256, false, &cfg->workers);
   get_int(c, o, "max_response_bytes", 1024, 1ull << 31, false, &cfg->max_response_bytes);
+  get_int(c, o, "connection_memory_bytes", 4096, 1u << 20, false, &cfg->connection_memory_bytes);
   get_int(c, o, "idle_timeout_ms", 1000, 3600000, false, &cfg->idle_timeout_ms);
   pop(c, old);
 }
@@ -1075,6 +1077,7 @@ struct gw_config *gw_config_parse(const char *text, size_t len, struct gw_config
   cfg->shutdown_grace_ms = 10000;
   cfg->max_body_bytes = 1048576;
   cfg->max_response_bytes = 8u << 20;
+  cfg->connection_memory_bytes = 14u << 10;
   cfg->max_connections = 20000;
   cfg->idle_timeout_ms = 75000;
   cfg->backend = GW_BACKEND_MEMORY;

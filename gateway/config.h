@@ -144,6 +144,7 @@ struct gw_config {
   uint64_t shutdown_grace_ms;
   uint64_t max_body_bytes;     /* request bodies */
   uint64_t max_response_bytes; /* upstream responses, buffered whole */
+  uint64_t connection_memory_bytes; /* per connection: request head and response head */
   uint32_t max_connections;
   uint32_t workers;            /* 0: one per core */
   uint64_t idle_timeout_ms;    /* keep-alive idle connections are closed after this */

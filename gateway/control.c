@@ -92,7 +92,8 @@ int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct
                                 MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG,
                             0, NULL, NULL, on_request, c, MHD_OPTION_LISTEN_SOCKET, fd,
                             MHD_OPTION_CONNECTION_TIMEOUT, 60u, MHD_OPTION_CONNECTION_LIMIT,
-                            1024u, MHD_OPTION_END);
+                            1024u, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary,
+                            "libmicrohttpd", MHD_OPTION_END);
   if (!c->mhd) {
     gw_logf("error", "cannot start the control listener on %s", addr->text);
     close(fd);

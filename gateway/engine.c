@@ -1341,8 +1341,9 @@ static int worker_init(struct worker *w, const struct gw_config *cfg)
       w->eng, on_request, w, MHD_OPTION_LISTEN_SOCKET, w->listen_fd, MHD_OPTION_URI_LOG_CALLBACK,
       on_uri, w, MHD_OPTION_NOTIFY_COMPLETED, on_completed, w, MHD_OPTION_NOTIFY_CONNECTION,
       on_connection, w, MHD_OPTION_CONNECTION_TIMEOUT, idle_s, MHD_OPTION_CONNECTION_LIMIT,
-      (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)16 * 1024,
-      MHD_OPTION_END);
+      (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+      (size_t)cfg->connection_memory_bytes, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary,
+      "libmicrohttpd", MHD_OPTION_END);
   if (!w->mhd)
     return -1;
   const union MHD_DaemonInfo *info = MHD_get_daemon_info(w->mhd, MHD_DAEMON_INFO_EPOLL_FD);

@@ -220,3 +220,15 @@ void gw_logbuf_flush(struct gw_logbuf *b)
   }
   b->len = 0;
 }
+
+void gw_log_vlibrary(void *source_name, const char *fmt, va_list ap)
+{
+  char msg[1024], line[GW_LOG_LINE_MAX];
+  int n = vsnprintf(msg, sizeof(msg), fmt, ap);
+  while (n > 0 && (size_t)n < sizeof(msg) && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+    msg[--n] = '\0';
+  struct gw_jbuf j;
+  gw_log_begin(&j, line, sizeof(line), "warn", msg);
+  gw_jbuf_str(&j, "source", source_name ? source_name : "library");
+  gw_log_emit(&j);
+}

@@ -7,6 +7,7 @@
 #ifndef GW_LOG_H
 #define GW_LOG_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -39,6 +40,9 @@ void gw_log_begin(struct gw_jbuf *j, char *buf, size_t cap, const char *level, c
 void gw_log_emit(struct gw_jbuf *j);
 /* A one-field-free line: gw_logf("info", "listening on %s", addr). */
 void gw_logf(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A printf-style logger for libraries that log through a callback (libmicrohttpd). */
+void gw_log_vlibrary(void *source_name, const char *fmt, va_list ap);
 
 /* A per-thread batch of whole lines. */
 struct gw_logbuf {
