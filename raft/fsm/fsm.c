@@ -870,6 +870,8 @@ static void lease_kill(struct app *a, struct fsm_lease *l)
         waiter_unqueue(f, w);
         waiter_reject(a, w, 404, lk);
     }
+    /* Out of the table before its locks pass on, so its slot is free for a waiter's lease. */
+    htab_remove(&f->leases, fsm_hash_id(l->id), l);
     while (l->held != NULL) {
         struct fsm_lock *lk = l->held;
         held_unlink(lk);
@@ -877,7 +879,6 @@ static void lease_kill(struct app *a, struct fsm_lease *l)
         if (lk->lease == NULL)
             lock_free(f, lk);
     }
-    htab_remove(&f->leases, fsm_hash_id(l->id), l);
     free(l);
 }
 

@@ -131,6 +131,26 @@ static void routes_are_versioned_put_get_and_delete(void **state)
     h_free(&h);
 }
 
+static void route_table_bounds_count_and_size(void **state)
+{
+    struct gw_fsm_config cfg;
+    gw_fsm_config_default(&cfg);
+    cfg.max_routes = 1;
+    cfg.max_route_bytes = 8;
+    struct h h;
+    h_init_cfg(&h, &cfg);
+    h_route_put(&h, "a", "{\"x\":12}");
+    assert_int_equal(h.res.status, 200);
+    h_route_put(&h, "b", "{}");
+    assert_err(&h, 503, "too_many_routes");
+    h_route_put(&h, "a", "{\"x\":123}");
+    assert_err(&h, 400, "invalid_field");
+    assert_contains(h.res.body, "\"field\":\"route\"");
+    assert_int_equal(gw_fsm_get_route(h.f, "a/", 2, &h.res), 0);
+    assert_err(&h, 400, "invalid_name");
+    h_free(&h);
+}
+
 static void idempotent_replay_returns_the_original_bytes_and_applies_once(void **state)
 {
     struct h h;
@@ -336,6 +356,7 @@ int main(void)
         cmocka_unit_test(counter_set_with_expect_is_a_compare_and_set),
         cmocka_unit_test(counter_table_full_is_503_too_many_counters),
         cmocka_unit_test(routes_are_versioned_put_get_and_delete),
+        cmocka_unit_test(route_table_bounds_count_and_size),
         cmocka_unit_test(idempotent_replay_returns_the_original_bytes_and_applies_once),
         cmocka_unit_test(idempotency_key_reused_with_other_arguments_is_422),
         cmocka_unit_test(idempotency_key_with_unprintable_bytes_is_400),

@@ -440,6 +440,58 @@ static void a_chain_of_dead_waiters_is_drained_without_recursion(void **state)
     h_free(&h);
 }
 
+static void releasing_one_of_several_locks_of_a_lease_keeps_the_others(void **state)
+{
+    struct h h;
+    h_init(&h);
+    uint64_t l = h_grant(&h, 10000);
+    uint64_t o = h_grant(&h, 10000);
+    h_acquire(&h, "a", "w", l, 0, 0);
+    h_acquire(&h, "b", "w", l, 0, 0);
+    h_acquire(&h, "c", "w", l, 0, 0);
+    h_release(&h, "b", 2);
+    assert_int_equal(gw_fsm_get_lease(h.f, l, h.now, &h.res), 0);
+    assert_contains(h.res.body, "\"locks\":[\"a\",\"c\"]");
+    /* The same lease waits on three locks; the middle wait ends first. */
+    h_acquire(&h, "x", "o", o, 0, 0);
+    h_acquire(&h, "y", "o", o, 0, 0);
+    h_acquire(&h, "z", "o", o, 0, 0);
+    uint64_t wx = h_acquire(&h, "x", "w", l, 0, 5000);
+    uint64_t wy = h_acquire(&h, "y", "w", l, 0, 5000);
+    uint64_t wz = h_acquire(&h, "z", "w", l, 0, 5000);
+    h_cancel(&h, "y", wy);
+    assert_int_equal(h_wakeup(&h, wy)->status, 409);
+    h_release(&h, "z", 6);
+    assert_int_equal(h_wakeup(&h, wz)->status, 200);
+    h_revoke(&h, l); /* drops the wait on x, releases a, c and z */
+    assert_int_equal(h.res.n_wakeups, 1);
+    assert_int_equal(h_wakeup(&h, wx)->status, 404);
+    struct gw_fsm_stats st;
+    gw_fsm_stats(h.f, &st);
+    assert_int_equal(st.locks, 2);
+    assert_int_equal(st.waiters, 0);
+    h_free(&h);
+}
+
+static void waiter_whose_lease_cannot_be_created_gets_503(void **state)
+{
+    struct gw_fsm_config cfg;
+    gw_fsm_config_default(&cfg);
+    cfg.max_leases = 2;
+    struct h h;
+    h_init_cfg(&h, &cfg);
+    h_acquire(&h, "L", "w1", 0, 10000, 0);
+    uint64_t w = h_acquire(&h, "L", "w2", 0, 10000, 5000);
+    uint64_t w2 = h_acquire(&h, "L", "w3", 0, 10000, 5000);
+    h_grant(&h, 10000); /* the table is now full */
+    h_revoke(&h, 1);    /* frees one slot: the first waiter's lease takes it */
+    assert_int_equal(h_wakeup(&h, w)->status, 200);
+    h_release(&h, "L", 2);
+    assert_int_equal(h_wakeup(&h, w2)->status, 503);
+    assert_contains(h_wakeup(&h, w2)->body, "\"code\":\"too_many_leases\"");
+    h_free(&h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -461,6 +513,8 @@ int main(void)
         cmocka_unit_test(waiters_beyond_the_bound_get_503_too_many_waiters),
         cmocka_unit_test(lock_table_full_is_503_too_many_locks),
         cmocka_unit_test(a_chain_of_dead_waiters_is_drained_without_recursion),
+        cmocka_unit_test(releasing_one_of_several_locks_of_a_lease_keeps_the_others),
+        cmocka_unit_test(waiter_whose_lease_cannot_be_created_gets_503),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
