@@ -556,6 +556,19 @@ static int fsync_dir(struct gw_wal *w)
     return 0;
 }
 
+/* Removes everything from off on (what a failed or torn write left there must never be read
+ * back, nor mistaken for records later), then preallocates the space again if the segment had
+ * it: unwritten space reads as zeros, which recovery takes as the end of the data. */
+static int cut_tail(struct gw_wal *w, int fd, uint64_t off)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0 || ftruncate(fd, (off_t)off) != 0)
+        return -errno;
+    if (w->opt.preallocate && (uint64_t)st.st_size > off)
+        (void)fallocate(fd, 0, (off_t)off, (off_t)((uint64_t)st.st_size - off)); /* best effort */
+    return 0;
+}
+
 /* Writes data at the end of the current segment; on failure cuts it back off so the segment is
  * exactly as before (a failed cut makes the log broken: its tail is then unknown). */
 static int seg_write(struct gw_wal *w, const uint8_t *data, size_t len)
@@ -571,7 +584,7 @@ static int seg_write(struct gw_wal *w, const uint8_t *data, size_t len)
     }
     seg_name(name, s->seq, s->first);
     int err = fail_errno(w, rc, "write", name);
-    if (ftruncate(w->fd, (off_t)w->off) != 0) {
+    if (cut_tail(w, w->fd, w->off) != 0) {
         w->broken = true;
         seterr(w, "raft/storage: write %s/%s failed (%s) and cutting it back to offset %" PRIu64
                   " failed too (%s): reopen the log",
@@ -631,6 +644,9 @@ static int seg_create(struct gw_wal *w, uint64_t seq)
     if (fd < 0)
         return fail_errno(w, -errno, "create", name);
     rc = pwrite_all(fd, hdr, len, 0);
+    if (rc == 0 && w->opt.preallocate && w->opt.segment_bytes > len &&
+        fallocate(fd, 0, 0, (off_t)w->opt.segment_bytes) != 0 && errno != EOPNOTSUPP)
+        rc = -errno;
     if (rc == 0 && w->opt.sync && fdatasync(fd) != 0)
         rc = -errno;
     if (rc != 0) {
@@ -662,6 +678,7 @@ void gw_wal_options_default(struct gw_wal_options *o)
     o->max_batch_bytes = (size_t)64 << 20;
     o->max_snapshot_bytes = 1ull << 30;
     o->sync = true;
+    o->preallocate = true;
 }
 
 static bool options_valid(const struct gw_wal_options *o)
@@ -898,6 +915,11 @@ static int load_segment(struct gw_wal *w, struct replay *rp, struct gw_wal_recov
     size_t off = SEG_HDR;
     while (off < size) {
         if (!rec_parse(buf, size, off, &r)) {
+            size_t nz = size; /* one past the last non-zero byte */
+            while (nz > off && buf[nz - 1] == 0)
+                nz--;
+            if (nz == off)
+                break; /* zeros: the end of the data (preallocated space) */
             size_t v = next_valid_record(buf, size, off);
             if (!is_last || v != 0) {
                 if (v != 0)
@@ -913,14 +935,13 @@ static int load_segment(struct gw_wal *w, struct replay *rp, struct gw_wal_recov
                 goto close_fd;
             }
             /* A torn tail: the remains of a write that was never synced, so never acknowledged. */
-            if (ftruncate(fd, (off_t)off) != 0 || (w->opt.sync && fdatasync(fd) != 0)) {
-                rc = fail_errno(w, -errno, "cut the torn tail of", name);
+            if ((rc = cut_tail(w, fd, off)) != 0 || (w->opt.sync && fdatasync(fd) != 0)) {
+                rc = fail_errno(w, rc ? rc : -errno, "cut the torn tail of", name);
                 goto close_fd;
             }
-            rec->torn_bytes += size - off;
+            rec->torn_bytes += nz - off;
             note(w, rec, "raft/storage: %s/%s: cut %zu bytes of a torn or damaged tail at offset %zu",
-                 w->dir, name, size - off, off);
-            size = off;
+                 w->dir, name, nz - off, off);
             break;
         }
         rc = replay_record(w, rp, &r, name, off);
@@ -929,7 +950,7 @@ static int load_segment(struct gw_wal *w, struct replay *rp, struct gw_wal_recov
         off += r.size;
     }
     *fd_out = fd;
-    *end = size;
+    *end = off < size ? off : size;
     return 0;
 close_fd:
     close(fd);
@@ -1175,8 +1196,8 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
     int cur_fd = -1;
     uint64_t cur_end = 0;
     for (size_t i = 0; i < w->n_segs;) {
-        int fd;
-        uint64_t end;
+        int fd = -1;
+        uint64_t end = 0;
         bool removed;
         rc = load_segment(w, &rp, rec, &w->segs[i], i == 0, i + 1 == w->n_segs, &fd, &end, &removed);
         if (rc != 0) {

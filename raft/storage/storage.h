@@ -64,6 +64,9 @@ struct gw_wal_options {
     uint64_t max_snapshot_bytes; /* largest snapshot image; default 1 GiB */
     bool sync;                   /* fdatasync/fsync for real; default true. false only for
                                     benchmarks and tests: nothing is then durable */
+    bool preallocate;            /* reserve segment_bytes (fallocate) when a segment starts, so
+                                    appends do not grow the file and a sync flushes data only;
+                                    a full disk then shows up when a segment starts; default true */
     /* Optional: one line per thing recovery repaired (a cut tail, a removed temporary file). */
     void (*log)(void *ctx, const char *line);
     void *log_ctx;
@@ -147,7 +150,7 @@ struct gw_wal_stats {
     uint64_t last_index;  /* last entry appended (synced or not) */
     uint64_t snapshot_index;
     uint64_t snapshot_term;
-    uint64_t bytes;    /* total size of the segment files */
+    uint64_t bytes;    /* bytes of records in the segment files (preallocated space not counted) */
     uint32_t segments; /* segment files */
     uint64_t syncs;    /* fdatasyncs done by gw_wal_sync */
     uint64_t last_fsync_ns;
