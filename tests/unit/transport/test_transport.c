@@ -773,6 +773,66 @@ static void listener_pauses_when_out_of_descriptors_instead_of_spinning(void **s
     node_stop(&b);
 }
 
+static void frame_cut_by_a_broken_connection_is_dropped_and_the_rest_follow_whole(void **state)
+{
+    struct gw_transport_options o;
+    gw_transport_options_default(&o);
+    o.max_frame_bytes = 48u << 20;
+    o.max_queue_bytes = 64u << 20;
+    struct node a, b;
+    node_start(&a, 1, 0, &o);
+    node_start(&b, 2, 0, &o);
+    node_link(&a, &b);
+    struct node *ns[] = {&a, &b};
+    struct conn_cond cc = {&a, 2};
+    assert_true(pump(ns, 2, h_connected, &cc, WAIT_MS));
+
+    /* A 40 MiB snapshot chunk, then three heartbeats; node 2 does not read, so the kernel
+     * buffers fill with part of the chunk. */
+    size_t big = 40u << 20;
+    uint8_t *data = calloc(1, big);
+    assert_non_null(data);
+    struct raft_message snap = h_msg(RAFT_MSG_SNAPSHOT, 1, 2, 3);
+    snap.u.snapshot.index = 10;
+    snap.u.snapshot.term = 2;
+    snap.u.snapshot.total = big;
+    snap.u.snapshot.len = (uint32_t)big;
+    snap.u.snapshot.data = data;
+    assert_int_equal(gw_transport_send(a.t, &snap), 0);
+    free(data);
+    for (uint64_t seq = 1; seq <= 3; seq++) {
+        struct raft_message hb = h_heartbeat(1, 2, seq);
+        assert_int_equal(gw_transport_send(a.t, &hb), 0);
+    }
+    pump(ns, 1, NULL, NULL, 100);
+    struct gw_transport_peer_stats st = peer_stats(&a, 2);
+    assert_int_equal(st.sent_frames, 0);
+    assert_int_equal(st.queued_frames, 4);
+    assert_true(st.sent_bytes > 0); /* the chunk is half written */
+
+    uint16_t port = h_port(&b);
+    node_stop(&b);
+    node_start(&b, 2, port, &o);
+    assert_int_equal(gw_transport_set_peer(b.t, 1, &a.addr, a.addr_len), 0);
+    struct count_cond c = {&b.rec, 3};
+    assert_true(pump(ns, 2, h_got_n, &c, WAIT_MS));
+    pump(ns, 2, NULL, NULL, 50);
+    assert_int_equal(b.rec.n, 3);
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(b.rec.v[i].type, RAFT_MSG_APPEND);
+        assert_int_equal(b.rec.v[i].seq, i + 1);
+    }
+    st = peer_stats(&a, 2);
+    assert_int_equal(st.drops, 1);
+    assert_int_equal(st.sent_frames, 3);
+    assert_int_equal(st.queued_bytes, 0);
+    struct gw_transport_stats bs;
+    gw_transport_stats(b.t, &bs);
+    assert_int_equal(bs.rejected_frames, 0);
+    node_stop(&a);
+    node_stop(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -800,6 +860,7 @@ int main(void)
         cmocka_unit_test(remove_peer_closes_its_connection_and_drops_later_sends),
         cmocka_unit_test(remove_peer_from_inside_the_callback_is_safe),
         cmocka_unit_test(changing_a_peer_address_moves_the_connection),
+        cmocka_unit_test(frame_cut_by_a_broken_connection_is_dropped_and_the_rest_follow_whole),
         cmocka_unit_test(ipv6_loopback_works),
         cmocka_unit_test(run_from_inside_the_callback_is_refused),
         cmocka_unit_test(listener_pauses_when_out_of_descriptors_instead_of_spinning),
