@@ -46,6 +46,7 @@
 #define APPEND_COUNT_OFF 59
 #define APPEND_FIXED 63
 #define ENTRY_MIN 13
+#define ENTS_KEEP 4096 /* a larger decode scratch array is released after use */
 
 const char *gw_transport_strerror(int err)
 {
@@ -658,6 +659,11 @@ static int deliver(struct gw_transport *t, struct conn *c, const uint8_t *b, siz
     p->st.recv_frames++;
     p->st.recv_bytes += HDR + len;
     t->on_message(&m, t->ctx);
+    if (t->ents_cap > ENTS_KEEP) {
+        free(t->ents);
+        t->ents = NULL;
+        t->ents_cap = 0;
+    }
     return 0;
 }
 
@@ -1004,8 +1010,8 @@ int gw_transport_remove_peer(struct gw_transport *t, uint64_t id)
 
 int gw_transport_send(struct gw_transport *t, const struct raft_message *m)
 {
-    if (m == NULL)
-        return GW_TRANSPORT_ERR_INVALID;
+    if (m == NULL || m->from != t->self)
+        return GW_TRANSPORT_ERR_INVALID; /* the receiver would close the connection over it */
     struct peer *p = peer_find(t, m->to);
     if (p == NULL) {
         t->st.drops_unknown_peer++;

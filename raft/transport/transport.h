@@ -122,7 +122,8 @@ int gw_transport_remove_peer(struct gw_transport *t, uint64_t id);
  * of the calls. Never blocks. A message that cannot be queued is dropped and counted, and the
  * reason returned: GW_TRANSPORT_ERR_UNKNOWN_PEER, GW_TRANSPORT_ERR_QUEUE_FULL,
  * GW_TRANSPORT_ERR_TOO_BIG (encoded size over max_frame_bytes), GW_TRANSPORT_ERR_INVALID
- * (the codec refused it), GW_TRANSPORT_ERR_NOMEM. Raft treats all of these as a lost message. */
+ * (m->from is not this node, or the codec refused it), GW_TRANSPORT_ERR_NOMEM. Raft treats all
+ * of these as a lost message. */
 int gw_transport_send(struct gw_transport *t, const struct raft_message *m);
 
 /* Does all pending work without blocking: accepts, connects, handshakes, reads (calling

@@ -676,7 +676,18 @@ static void bad_arguments_are_refused(void **state)
     assert_int_equal(gw_transport_set_peer(t, 1, &a, len), GW_TRANSPORT_ERR_INVALID);
     assert_int_equal(gw_transport_set_peer(t, 0, &a, len), GW_TRANSPORT_ERR_INVALID);
     assert_int_equal(gw_transport_set_peer(t, 2, &a, 3), GW_TRANSPORT_ERR_INVALID);
+    assert_int_equal(gw_transport_set_peer(t, 2, &a, len), 0);
+    struct raft_message forged = h_heartbeat(3, 2, 1); /* not from this node */
+    assert_int_equal(gw_transport_send(t, &forged), GW_TRANSPORT_ERR_INVALID);
+    struct raft_message bad_type = h_msg(99, 1, 2, 1);
+    assert_int_equal(gw_transport_send(t, &bad_type), GW_TRANSPORT_ERR_INVALID);
+    struct gw_transport_peer_stats ps;
+    assert_int_equal(gw_transport_peer_stats(t, 2, &ps), 0);
+    assert_int_equal(ps.queued_frames, 0);
+    assert_int_equal(ps.drops, 1);
+    assert_int_equal(gw_transport_peer_stats(t, 3, &ps), GW_TRANSPORT_ERR_UNKNOWN_PEER);
     assert_string_equal(gw_transport_errname(GW_TRANSPORT_ERR_QUEUE_FULL), "queue_full");
+    assert_string_equal(gw_transport_strerror(GW_TRANSPORT_ERR_BAD_CRC), "frame checksum mismatch");
     gw_transport_free(t);
 }
 
