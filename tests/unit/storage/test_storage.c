@@ -886,6 +886,43 @@ static void crash_between_temporary_snapshot_write_and_rename_keeps_the_old_snap
     gw_wal_close(w);
 }
 
+static void crash_after_the_snapshot_rename_but_before_its_log_marker_recovers(void **state)
+{
+    struct fx *f = *state;
+    struct gw_wal_options o = opts(1 << 20, false);
+    struct gw_wal_recovered rec;
+    struct gw_wal *w = open_ok(f->dir, &o, &rec);
+    gw_wal_recovered_free(&rec);
+    append(w, 1, 60, 1, 10);
+    sync_ok(w);
+    gw_wal_close(w);
+    char seg[512];
+    only_segment(f->dir, seg, sizeof(seg));
+    size_t len;
+    uint8_t *before = slurp(seg, &len); /* the log as it was before the snapshot */
+
+    /* a snapshot from a leader that disagrees at index 50 (term 2) */
+    w = open_ok(f->dir, &o, &rec);
+    gw_wal_recovered_free(&rec);
+    struct raft_snapshot s = snapshot_at(50, 2, (const uint8_t *)"leader", 6);
+    assert_int_equal(gw_wal_save_snapshot(w, &s, 0), 0);
+    gw_wal_close(w);
+    spit(seg, before, len); /* the crash lost the marker: the log is the old one */
+    free(before);
+
+    w = open_ok(f->dir, &o, &rec);
+    assert_int_equal(rec.snapshot.index, 50);
+    assert_int_equal(rec.n_entries, 0); /* the disagreeing log is not handed back */
+    gw_wal_recovered_free(&rec);
+    append(w, 51, 2, 2, 10);
+    sync_ok(w);
+    gw_wal_close(w);
+    w = open_ok(f->dir, &o, &rec);
+    expect_entries(&rec, 51, 52, 2);
+    gw_wal_recovered_free(&rec);
+    gw_wal_close(w);
+}
+
 static void damaged_latest_snapshot_falls_back_to_an_older_one_when_the_log_allows(void **state)
 {
     struct fx *f = *state;
@@ -1091,6 +1128,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(snapshot_keeps_trailing_entries_the_caller_asks_for, setup, teardown),
         cmocka_unit_test_setup_teardown(snapshot_from_the_leader_replaces_a_disagreeing_log, setup, teardown),
         cmocka_unit_test_setup_teardown(crash_between_temporary_snapshot_write_and_rename_keeps_the_old_snapshot, setup, teardown),
+        cmocka_unit_test_setup_teardown(crash_after_the_snapshot_rename_but_before_its_log_marker_recovers, setup, teardown),
         cmocka_unit_test_setup_teardown(damaged_latest_snapshot_falls_back_to_an_older_one_when_the_log_allows, setup, teardown),
         cmocka_unit_test_setup_teardown(full_disk_refuses_writes_with_a_clear_error_and_loses_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(mutated_segments_never_crash_recovery_nor_return_damaged_entries, setup, teardown),
