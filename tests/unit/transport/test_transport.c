@@ -844,6 +844,143 @@ static void frame_cut_by_a_broken_connection_is_dropped_and_the_rest_follow_whol
     node_stop(&b);
 }
 
+/* A raw listener standing in for node 2, to see node 1's side of the wire from outside. */
+struct raw_listener {
+    int lfd, fd;
+    uint8_t buf[4096];
+    size_t len;
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+};
+
+static void raw_listen(struct raw_listener *l)
+{
+    memset(l, 0, sizeof(*l));
+    l->fd = -1;
+    l->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    assert_true(l->lfd >= 0);
+    struct sockaddr_storage a = h_loopback(0, &l->addr_len);
+    assert_int_equal(bind(l->lfd, (struct sockaddr *)&a, l->addr_len), 0);
+    assert_int_equal(listen(l->lfd, 4), 0);
+    l->addr_len = sizeof(l->addr);
+    assert_int_equal(getsockname(l->lfd, (struct sockaddr *)&l->addr, &l->addr_len), 0);
+}
+
+/* Accepts (once) and reads until `want` bytes are buffered. */
+static size_t raw_want;
+
+static bool raw_has_bytes(void *arg)
+{
+    struct raw_listener *l = arg;
+    if (l->fd < 0) {
+        l->fd = accept4(l->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (l->fd < 0)
+            return false;
+    }
+    ssize_t r = recv(l->fd, l->buf + l->len, sizeof(l->buf) - l->len, 0);
+    if (r > 0)
+        l->len += (size_t)r;
+    return l->len >= raw_want;
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static void dialer_speaks_the_documented_wire_format(void **state)
+{
+    struct gw_transport_options o;
+    gw_transport_options_default(&o);
+    o.cluster_id = 0xC1;
+    struct node a;
+    node_start(&a, 1, 0, &o);
+    struct raw_listener l;
+    raw_listen(&l);
+    assert_int_equal(gw_transport_set_peer(a.t, 2, &l.addr, l.addr_len), 0);
+    struct raft_message hb = h_heartbeat(1, 2, 31);
+    assert_int_equal(gw_transport_send(a.t, &hb), 0);
+
+    /* u32 length 28 | u8 version 1 | u32 crc32c | "GWRT" cluster from to */
+    struct node *ns[] = {&a};
+    raw_want = GW_TRANSPORT_FRAME_HEADER + 28;
+    assert_true(pump(ns, 1, raw_has_bytes, &l, WAIT_MS));
+    assert_int_equal(l.len, raw_want); /* nothing else before our answer */
+    assert_int_equal(l.buf[0] | l.buf[1] << 8 | l.buf[2] << 16 | l.buf[3] << 24, 28);
+    assert_int_equal(l.buf[4], 1);
+    size_t plen = 0;
+    assert_int_equal(gw_transport_frame_check(l.buf, l.len, 28, &plen), 1);
+    const uint8_t *hs = l.buf + GW_TRANSPORT_FRAME_HEADER;
+    assert_memory_equal(hs, "GWRT", 4);
+    assert_int_equal(get64(hs + 4), 0xC1);
+    assert_int_equal(get64(hs + 12), 1);
+    assert_int_equal(get64(hs + 20), 2);
+    assert_false(peer_stats(&a, 2).connected);
+
+    raw_handshake(l.fd, 0xC1, 2, 1);
+    uint8_t *enc;
+    size_t elen = h_encode(&hb, &enc);
+    l.len = 0;
+    raw_want = GW_TRANSPORT_FRAME_HEADER + elen;
+    assert_true(pump(ns, 1, raw_has_bytes, &l, WAIT_MS));
+    assert_int_equal(gw_transport_frame_check(l.buf, l.len, 1 << 20, &plen), 1);
+    assert_int_equal(plen, elen);
+    assert_memory_equal(l.buf + GW_TRANSPORT_FRAME_HEADER, enc, elen);
+    free(enc);
+    assert_true(peer_stats(&a, 2).connected);
+    close(l.fd);
+    close(l.lfd);
+    node_stop(&a);
+}
+
+static void dialer_refuses_an_answer_from_the_wrong_node(void **state)
+{
+    struct node a;
+    node_start(&a, 1, 0, NULL);
+    struct raw_listener l;
+    raw_listen(&l);
+    assert_int_equal(gw_transport_set_peer(a.t, 2, &l.addr, l.addr_len), 0);
+    struct node *ns[] = {&a};
+    raw_want = GW_TRANSPORT_FRAME_HEADER + 28;
+    assert_true(pump(ns, 1, raw_has_bytes, &l, WAIT_MS));
+    raw_handshake(l.fd, 0, 7, 1); /* someone else lives at that address */
+    assert_true(pump(ns, 1, raw_closed, &l.fd, WAIT_MS));
+    struct gw_transport_peer_stats st = peer_stats(&a, 2);
+    assert_false(st.connected);
+    assert_int_equal(st.connects, 0);
+    assert_int_equal(st.failures, 1);
+    struct gw_transport_stats ts;
+    gw_transport_stats(a.t, &ts);
+    assert_int_equal(ts.rejected_conns, 1);
+    assert_true(gw_transport_next_timeout_ms(a.t, h_now_ms()) > 0); /* backing off */
+    close(l.fd);
+    close(l.lfd);
+    node_stop(&a);
+}
+
+static void dialer_gives_up_on_a_silent_acceptor_after_the_handshake_timeout(void **state)
+{
+    struct gw_transport_options o;
+    gw_transport_options_default(&o);
+    o.handshake_timeout_ms = 100;
+    struct node a;
+    node_start(&a, 1, 0, &o);
+    struct raw_listener l;
+    raw_listen(&l);
+    assert_int_equal(gw_transport_set_peer(a.t, 2, &l.addr, l.addr_len), 0);
+    struct node *ns[] = {&a};
+    raw_want = GW_TRANSPORT_FRAME_HEADER + 28;
+    assert_true(pump(ns, 1, raw_has_bytes, &l, WAIT_MS));
+    assert_true(pump(ns, 1, raw_closed, &l.fd, WAIT_MS));
+    assert_int_equal(peer_stats(&a, 2).failures, 1);
+    close(l.fd);
+    close(l.lfd);
+    node_stop(&a);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -873,6 +1010,9 @@ int main(void)
         cmocka_unit_test(changing_a_peer_address_moves_the_connection),
         cmocka_unit_test(frame_cut_by_a_broken_connection_is_dropped_and_the_rest_follow_whole),
         cmocka_unit_test(ipv6_loopback_works),
+        cmocka_unit_test(dialer_speaks_the_documented_wire_format),
+        cmocka_unit_test(dialer_refuses_an_answer_from_the_wrong_node),
+        cmocka_unit_test(dialer_gives_up_on_a_silent_acceptor_after_the_handshake_timeout),
         cmocka_unit_test(run_from_inside_the_callback_is_refused),
         cmocka_unit_test(listener_pauses_when_out_of_descriptors_instead_of_spinning),
     };
