@@ -1578,8 +1578,10 @@ int gw_fsm_get_lock(const struct gw_fsm *f, const char *name, size_t len, struct
         fail(res, 400, C_INVALID_NAME, name_message);
         return read_done(res);
     }
+    /* A holder whose lease is overdue at fsm time has lost the lock (the next command would
+     * expire it), so it is not reported. */
     const struct fsm_lock *lk = fsm_lock_find(f, name, len);
-    if (lk == NULL) {
+    if (lk == NULL || f->time >= lk->lease->expires_at) {
         fail(res, 404, C_LOCK_NOT_FOUND, "the lock is not held");
         return read_done(res);
     }

@@ -253,7 +253,8 @@ int gw_fsm_apply(struct gw_fsm *f, uint64_t index, const uint8_t *cmd, size_t le
 /* 200 {"id","ttl_ms","remaining_ms","locks":[names sorted]} at max(now_ms, fsm time);
  * 404 lease_not_found when unknown or overdue. */
 int gw_fsm_get_lease(const struct gw_fsm *f, uint64_t id, uint64_t now_ms, struct gw_fsm_result *res);
-/* 200 {"name","owner","token","lease_id","waiters":n}; 404 lock_not_found; 400 invalid_name. */
+/* 200 {"name","owner","token","lease_id","waiters":n}; 404 lock_not_found when free or when the
+ * holder's lease is overdue at fsm time; 400 invalid_name. */
 int gw_fsm_get_lock(const struct gw_fsm *f, const char *name, size_t len, struct gw_fsm_result *res);
 /* 200 {"name","value"} (0 if never written); 400 invalid_name. */
 int gw_fsm_get_counter(const struct gw_fsm *f, const char *name, size_t len,

@@ -510,6 +510,17 @@ int gw_fsm_restore(struct gw_fsm *f, const uint8_t *buf, size_t len)
     if (rc < 0)
         return rc;
     rc = load(g, buf, len);
+    if (rc == 0 && g->leases.n > g->kill_cap) {
+        /* An image from a machine with a larger lease bound: the kill list must hold them all. */
+        struct fsm_lease **k = calloc(g->leases.n, sizeof(*k));
+        if (k == NULL) {
+            rc = GW_FSM_ERR_NOMEM;
+        } else {
+            free(g->kill);
+            g->kill = k;
+            g->kill_cap = g->leases.n;
+        }
+    }
     if (rc < 0) {
         gw_fsm_free(g);
         return rc;

@@ -322,7 +322,11 @@ static void release_by_a_holder_whose_lease_is_overdue_is_404(void **state)
     struct h h;
     h_init(&h);
     h_acquire(&h, "L", "w", 0, 1000, 0);
-    h.now += 1500;
+    h.now += 1000;
+    h_add(&h, "tick", 1); /* fsm time reaches the lease's end */
+    assert_int_equal(gw_fsm_get_lock(h.f, "L", 1, &h.res), 0);
+    assert_err(&h, 404, "lock_not_found");
+    h.now += 500;
     h_release(&h, "L", 1);
     assert_err(&h, 404, "lock_not_found");
     h_free(&h);
