@@ -122,8 +122,10 @@ void gw_wal_close(struct gw_wal *w);
 int gw_wal_append(struct gw_wal *w, const struct raft_entry *entries, size_t n);
 
 /* Records term, vote and commit as one CRC-protected record: after a crash either the whole
- * new state or the previous one is read back, never a mix. Durable after gw_wal_sync.
- * Errors: _INVALID (term or commit going backwards), _DISK_FULL, _IO, _BROKEN. */
+ * new state or the previous one is read back, never a mix. Durable after gw_wal_sync. Setting
+ * the state already recorded writes nothing.
+ * Errors: _INVALID (the term going backwards, or another vote in the same term), _DISK_FULL,
+ * _IO, _BROKEN. */
 int gw_wal_set_hard_state(struct gw_wal *w, const struct raft_hard_state *hs);
 
 /* Makes everything appended and set since the last sync durable with one fdatasync, and returns
