@@ -1066,7 +1066,6 @@ static int list_dir(struct gw_wal *w, struct gw_wal_recovered *rec, struct snap_
     struct dirent *de;
     while ((de = readdir(d)) != NULL) {
         uint64_t a, b;
-        size_t nl = strlen(de->d_name);
         if (parse_name(de->d_name, ".wal", &a, &b)) {
             rc = segs_push(w, a, b, 0);
         } else if (parse_name(de->d_name, ".snap", &a, &b)) {
@@ -1082,7 +1081,7 @@ static int list_dir(struct gw_wal *w, struct gw_wal_recovered *rec, struct snap_
             (*snaps)[*n_snaps].index = a;
             (*snaps)[*n_snaps].term = b;
             (*n_snaps)++;
-        } else if (nl > 4 && strcmp(de->d_name + nl - 4, ".tmp") == 0) {
+        } else if (parse_name(de->d_name, ".snap.tmp", &a, &b)) {
             if (unlinkat(w->dirfd, de->d_name, 0) != 0) {
                 rc = fail_errno(w, -errno, "remove", de->d_name);
                 break;
@@ -1621,9 +1620,7 @@ int gw_wal_save_snapshot(struct gw_wal *w, const struct raft_snapshot *snap, uin
 
     /* 3. Compaction: segment j holds no entry at or after segs[j + 1].first that survives, so it
      * can go once that is <= keep_from. Oldest first, so a crash leaves a contiguous suffix. */
-    uint64_t keep_from = keep && trailing <= s ? s + 1 - trailing : s + 1;
-    if (keep_from == 0)
-        keep_from = 1;
+    uint64_t keep_from = !keep ? s + 1 : trailing <= s ? s + 1 - trailing : 1;
     size_t k = 0;
     while (k + 1 < w->n_segs && w->segs[k + 1].first <= keep_from) {
         char old[NAME_LEN];

@@ -809,6 +809,17 @@ static void snapshot_keeps_trailing_entries_the_caller_asks_for(void **state)
     assert_true(rec.entries[0].index > 1); /* something was compacted */
     expect_entries(&rec, rec.entries[0].index, 100, 1);
     gw_wal_recovered_free(&rec);
+    /* more trailing entries than there are: nothing goes */
+    struct raft_snapshot s2 = snapshot_at(95, 1, NULL, 0);
+    assert_int_equal(gw_wal_save_snapshot(w, &s2, 1000), 0);
+    struct gw_wal_stats st;
+    gw_wal_stats(w, &st);
+    gw_wal_close(w);
+    w = open_ok(f->dir, &o, &rec);
+    assert_int_equal(rec.entries[0].index, st.first_index);
+    assert_true(st.first_index <= 61);
+    expect_entries(&rec, st.first_index, 100, 1);
+    gw_wal_recovered_free(&rec);
     gw_wal_close(w);
 }
 
