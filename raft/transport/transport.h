@@ -91,8 +91,10 @@ struct gw_transport;
 /* Creates a transport for node self_id (non-zero) listening on addr (IPv4 or IPv6; port 0 picks
  * an ephemeral port, see gw_transport_local_addr). opts may be NULL for the defaults. On
  * failure nothing is left open and the callback is never called.
- * Errors: GW_TRANSPORT_ERR_INVALID, GW_TRANSPORT_ERR_NOMEM, GW_TRANSPORT_ERR_IO (bind, listen
- * or epoll failed; errno says why). */
+ * Errors: GW_TRANSPORT_ERR_INVALID (id 0, no callback, bad address, or options out of range:
+ * max_frame_bytes outside 64 B .. 1 GiB, max_queue_bytes under 73, backoff_min_ms 0 or above
+ * backoff_max_ms, handshake_timeout_ms 0), GW_TRANSPORT_ERR_NOMEM, GW_TRANSPORT_ERR_IO (bind,
+ * listen or epoll failed; errno says why). */
 int gw_transport_new(uint64_t self_id, const struct sockaddr_storage *addr, socklen_t addr_len,
                      const struct gw_transport_options *opts, gw_transport_on_message on_message,
                      void *ctx, struct gw_transport **out);
