@@ -942,7 +942,6 @@ static void node_start(struct sim *s, int k)
     fsm_restore(s, nd, &nd->disk.snap);
     struct raft_status st;
     raft_status(nd->r, &st);
-    nd->last_commit = st.commit < nd->fsm_index ? st.commit : nd->fsm_index;
     nd->last_commit = st.commit;
     nd->lead_term = 0;
     nd->lm_index = 0;
@@ -989,9 +988,11 @@ static int find_leader(struct sim *s)
     return best;
 }
 
-static void client_finish(struct client *c)
+static void client_finish(struct sim *s, struct client *c)
 {
     c->state = OP_IDLE;
+    if (s->o.no_faults) /* the benchmark client goes again at once */
+        schedule(s, 0, EV_CLIENT, -1 - (int)(c - s->clients));
 }
 
 static void client_applied(struct sim *s, struct node *nd, const struct dentry *e)
@@ -1012,7 +1013,7 @@ static void client_applied(struct sim *s, struct node *nd, const struct dentry *
             s->acked[s->n_acked].index = e->index;
             s->n_acked++;
         }
-        client_finish(c);
+        client_finish(s, c);
     }
     if (s->probe_op && s->probe_node == k && s->probe_inc == nd->incarnation &&
         e->index == s->probe_index) {
@@ -1059,7 +1060,7 @@ static void serve_reads(struct sim *s, struct node *nd)
                 return;
             }
             s->res->reads_ok++;
-            client_finish(c);
+            client_finish(s, c);
         }
     }
     nd->n_reads = j;
@@ -1069,7 +1070,7 @@ static void client_node_lost(struct sim *s, int k)
 {
     for (int i = 0; i < N_CLIENTS; i++)
         if (s->clients[i].state != OP_IDLE && s->clients[i].node == k)
-            client_finish(&s->clients[i]);
+            client_finish(s, &s->clients[i]);
     if (s->probe_op && s->probe_node == k)
         s->probe_op = 0;
 }
@@ -1077,10 +1078,12 @@ static void client_node_lost(struct sim *s, int k)
 static void client_step(struct sim *s, int ci)
 {
     struct client *c = &s->clients[ci];
-    uint64_t next = s->o.no_faults ? 0 : 50 + rnd(s, s->client_gap_us);
+    uint64_t next = s->o.no_faults ? 100 : 50 + rnd(s, s->client_gap_us);
+    if (c->state != OP_IDLE && s->o.no_faults)
+        return;
     if (c->state != OP_IDLE) {
         if (s->now >= c->deadline)
-            client_finish(c); /* gives up: the outcome is unknown */
+            client_finish(s, c); /* gives up: the outcome is unknown */
         else {
             schedule(s, next + 1000, EV_CLIENT, -1 - ci);
             return;
@@ -1129,7 +1132,8 @@ static void client_step(struct sim *s, int ci)
         }
         check_node(s, nd);
     }
-    schedule(s, next, EV_CLIENT, -1 - ci);
+    if (!s->o.no_faults || c->state == OP_IDLE)
+        schedule(s, next, EV_CLIENT, -1 - ci);
 }
 
 /* ---------------------------------------------------------------- faults */
