@@ -1,7 +1,8 @@
 /*
- * The control plane listener (api_listen): /healthz and /readyz today; the /v1 coordination API,
- * /admin and /metrics hang off the same dispatcher. It runs its own libmicrohttpd thread so a
- * busy data plane never delays a health check.
+ * The control plane listener (api_listen): /healthz, /readyz and the /v1 coordination API
+ * (API.md section 4); /admin and /metrics hang off the same dispatcher. It runs its own
+ * libmicrohttpd thread so a busy data plane never delays a health check, and it never blocks on
+ * Raft: /v1 requests are suspended until the node thread (or the leader) answers.
  */
 #ifndef GW_CONTROL_H
 #define GW_CONTROL_H
@@ -11,10 +12,19 @@
 
 struct gw_control;
 
-/* Listen on addr and serve. Returns 0, or -1 after logging why. */
-int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct gw_engine *eng);
+struct gw_node;
 
-/* Stop serving and free. */
+/*
+ * Listen on addr and serve. node (may be NULL) answers /v1; node_name is this member's name,
+ * sent along when a request is forwarded to the leader. Returns 0, or -1 after logging why.
+ */
+int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct gw_engine *eng,
+                     struct gw_node *node, const char *node_name);
+
+/* Stop forwarding to the leader (pending forwards are answered); the listener keeps serving. */
+void gw_control_stop_forwarding(struct gw_control *c);
+
+/* Stop serving and free. The node must be stopped first (it may resume connections). */
 void gw_control_stop(struct gw_control *c);
 
 #endif

@@ -9,12 +9,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <ftw.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include "config.h"
 #include "control.h"
 #include "engine.h"
 #include "log.h"
+#include "node.h"
 #include "pipeline.h"
 
 static void usage(FILE *f)
@@ -38,6 +41,61 @@ static void report(const struct gw_config_errors *errs, bool as_log)
       gw_logf("error", "and %zu more problems", errs->dropped);
     else
       printf("and %zu more problems\n", errs->dropped);
+  }
+}
+
+static int remove_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+  (void)sb;
+  (void)flag;
+  (void)ftw;
+  return remove(path);
+}
+
+static void remove_tree(const char *dir) { nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS); }
+
+/*
+ * The coordination group behind /v1: backend raft keeps it durable in data_dir (one peer or no
+ * cluster: a single-node group); other backends run a single-node group in a private temporary
+ * directory without fsync, removed at exit (nothing is persisted, as for backend memory).
+ */
+static void node_config(const struct gw_config *cfg, struct gw_node_config *n, char *tmp_dir,
+                        size_t tmp_cap)
+{
+  memset(n, 0, sizeof(*n));
+  snprintf(n->name, sizeof(n->name), "%s", cfg->node_id);
+  n->election_timeout_ms = cfg->election_timeout_ms;
+  n->heartbeat_ms = cfg->heartbeat_ms;
+  n->snapshot_every = cfg->snapshot_every;
+  n->cluster_id = 0x67776179; /* "gway" */
+  if (cfg->backend == GW_BACKEND_RAFT) {
+    snprintf(n->data_dir, sizeof(n->data_dir), "%s", cfg->data_dir);
+    n->sync = true;
+  } else {
+    snprintf(tmp_dir, tmp_cap, "%s/gateway-%s-XXXXXX",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", cfg->node_id);
+    if (!mkdtemp(tmp_dir))
+      tmp_dir[0] = '\0';
+    snprintf(n->data_dir, sizeof(n->data_dir), "%s", tmp_dir);
+    n->sync = false;
+  }
+  bool clustered = cfg->backend == GW_BACKEND_RAFT && cfg->has_cluster && cfg->peer_count > 1;
+  if (clustered) {
+    memcpy(&n->raft_listen, &cfg->raft_listen.ss, cfg->raft_listen.len);
+    n->raft_listen_len = cfg->raft_listen.len;
+    for (size_t i = 0; i < cfg->peer_count && i < GW_NODE_MAX_PEERS; i++) {
+      struct gw_node_peer *p = &n->peers[n->peer_count++];
+      p->id = gw_node_id_from_name(cfg->peers[i].id);
+      snprintf(p->name, sizeof(p->name), "%s", cfg->peers[i].id);
+      memcpy(&p->raft, &cfg->peers[i].raft.ss, cfg->peers[i].raft.len);
+      p->raft_len = cfg->peers[i].raft.len;
+      snprintf(p->api, sizeof(p->api), "%s", cfg->peers[i].api.text);
+    }
+  } else {
+    struct gw_node_peer *p = &n->peers[n->peer_count++];
+    p->id = gw_node_id_from_name(cfg->node_id);
+    snprintf(p->name, sizeof(p->name), "%s", cfg->node_id);
+    snprintf(p->api, sizeof(p->api), "%s", cfg->api_listen.text);
   }
 }
 
@@ -107,8 +165,17 @@ int main(int argc, char **argv)
   struct gw_engine *eng = NULL;
   if (gw_engine_start(&eng, cfg) != 0)
     return 1;
+  static char tmp_dir[256];
+  struct gw_node_config ncfg;
+  node_config(cfg, &ncfg, tmp_dir, sizeof(tmp_dir));
+  struct gw_node *node = NULL;
+  char nerr[1024];
+  if (gw_node_start(&ncfg, &node, nerr, sizeof(nerr)) != 0) {
+    gw_logf("error", "%s", nerr);
+    return 1;
+  }
   struct gw_control *ctl = NULL;
-  if (gw_control_start(&ctl, &cfg->api_listen, eng) != 0)
+  if (gw_control_start(&ctl, &cfg->api_listen, eng, node, cfg->node_id) != 0)
     return 1;
   gw_logf("info", "gateway %s node %s serving on %s (control %s), %zu routes", GW_VERSION,
           cfg->node_id, cfg->listen.text, cfg->api_listen.text, cfg->route_count);
@@ -143,7 +210,11 @@ int main(int argc, char **argv)
     break;
   }
   gw_engine_drain(eng, cfg->shutdown_grace_ms);
+  gw_control_stop_forwarding(ctl);
+  gw_node_stop(node);
   gw_control_stop(ctl);
+  if (tmp_dir[0])
+    remove_tree(tmp_dir);
   gw_engine_free(eng);
   gw_config_unref(cfg);
   gw_logf("info", "stopped");
