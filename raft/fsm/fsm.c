@@ -842,6 +842,8 @@ static void grant_next(struct app *a, struct fsm_lock *lk)
             }
             l = lease_new(a, w->id, w->ttl_ms);
             if (l == NULL) {
+                if (w->idem != NULL)
+                    w->idem->waiter = NULL;
                 free(w);
                 return;
             }

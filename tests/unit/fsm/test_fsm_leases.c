@@ -228,6 +228,71 @@ static void lease_table_full_is_503_too_many_leases(void **state)
     h_free(&h);
 }
 
+/*
+ * The node's stamping rule across a leader change: the new leader stamps applied fsm time plus
+ * the time since it took over, never its own wall clock. Real time is `wall` here.
+ */
+static void leader_change_extends_a_lease_by_at_most_the_election_gap(void **state)
+{
+    struct h h;
+    h_init(&h);
+    uint64_t wall = 0, fsm_base = 1000000;
+    h.now = fsm_base; /* leader A: its clock and fsm time agree */
+    uint64_t id = h_grant(&h, 5000);
+    wall += 2000;
+    h.now = fsm_base + wall;
+    h_add(&h, "x", 1); /* A's last entry */
+    uint64_t gap = 3000;
+    wall += gap; /* the election: nothing commits, fsm time stands still */
+    uint64_t b_start = wall, b_base = gw_fsm_time(h.f);
+    uint64_t ids[4];
+    /* Leader B's expiry loop, every 100 ms of real time. */
+    uint64_t expired_at_wall = 0;
+    for (int tick = 0; tick < 100 && expired_at_wall == 0; tick++) {
+        wall += 100;
+        h.now = b_base + (wall - b_start);
+        size_t n = gw_fsm_overdue_leases(h.f, h.now, ids, 4);
+        if (n > 0) {
+            h_expire(&h, ids, n);
+            if (strcmp(h.res.body, "{\"expired\":1}") == 0)
+                expired_at_wall = wall;
+        }
+    }
+    /* Never before ttl_ms of real time; at most ttl_ms + the gap (+ one loop period). */
+    assert_true(expired_at_wall >= 5000);
+    assert_true(expired_at_wall <= 5000 + gap + 100);
+    h_keepalive(&h, id);
+    assert_err(&h, 404, "lease_not_found");
+    /* A leader whose raw clock is far behind cannot move fsm time back or revive anything. */
+    uint64_t t = gw_fsm_time(h.f);
+    h.now = 5;
+    h_add(&h, "x", 1);
+    assert_int_equal(gw_fsm_time(h.f), t);
+    h_free(&h);
+}
+
+static void repeated_leader_changes_do_not_renew_a_lease(void **state)
+{
+    struct h h;
+    h_init(&h);
+    uint64_t id = h_grant(&h, 10000);
+    uint64_t fsm_t = h.now;
+    /* Ten reigns of 1 s each, with elections between: fsm time advances only during reigns. */
+    for (int reign = 0; reign < 10; reign++) {
+        fsm_t += 1000;
+        h.now = fsm_t;
+        uint64_t ids[4];
+        size_t n = gw_fsm_overdue_leases(h.f, h.now, ids, 4);
+        h_expire(&h, ids, n);
+    }
+    assert_int_equal(gw_fsm_get_lease(h.f, id, h.now, &h.res), 0);
+    assert_err(&h, 404, "lease_not_found");
+    struct gw_fsm_stats st;
+    gw_fsm_stats(h.f, &st);
+    assert_int_equal(st.leases, 0);
+    h_free(&h);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -243,6 +308,8 @@ int main(void)
         cmocka_unit_test(fsm_time_never_goes_backwards),
         cmocka_unit_test(overdue_leases_are_sorted_and_bounded),
         cmocka_unit_test(lease_table_full_is_503_too_many_leases),
+        cmocka_unit_test(leader_change_extends_a_lease_by_at_most_the_election_gap),
+        cmocka_unit_test(repeated_leader_changes_do_not_renew_a_lease),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,7 +6,8 @@
  * releases locks with waiters, adds and sets counters, puts routes, reuses idempotency keys, and
  * proposes LEASE_EXPIRE and LOCK_CANCEL_WAIT from the reference machine's overdue lists, as the
  * node's loops would. Checked: two machines with different hash keys give the same results and
- * snapshot bytes; a machine restored from a snapshot continues exactly like the original; a
+ * snapshot bytes; along the way, every new holder's fencing token is above all earlier ones, every
+ * grant's lease is alive, and every parked request gets exactly one answer; a machine restored from a snapshot continues exactly like the original; a
  * snapshot of a restored machine is the same image; a damaged image is refused and changes
  * nothing.
  */
@@ -189,8 +190,102 @@ static void assert_same_snapshot(const struct gw_fsm *a, const struct gw_fsm *b)
     free(y);
 }
 
-/* Feeds the same n generated commands to a and b, comparing every result. */
-static void run_both(struct gen *g, struct gw_fsm *a, struct gw_fsm *b, int n, size_t *wakeups)
+/* Invariants watched over a whole run of one machine. */
+struct track {
+    uint64_t max_token;      /* highest fencing token handed out so far */
+    uint64_t queued[256];    /* waiters parked and not yet answered */
+    size_t n_queued;
+    size_t grants, rejections;
+};
+
+static bool take_queued(struct track *t, uint64_t id)
+{
+    for (size_t i = 0; i < t->n_queued; i++) {
+        if (t->queued[i] == id) {
+            t->queued[i] = t->queued[--t->n_queued];
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A grant's lease must be alive right after the apply that granted it. */
+static void assert_grant_sound(const struct gw_fsm *f, const char *body)
+{
+    const char *p = strstr(body, "\"lease_id\":\"");
+    assert_non_null(p);
+    uint64_t lease = strtoull(p + 12, NULL, 10);
+    struct gw_fsm_result r;
+    gw_fsm_result_init(&r);
+    assert_int_equal(gw_fsm_get_lease(f, lease, gw_fsm_time(f), &r), 0);
+    assert_int_equal(r.status, 200);
+    gw_fsm_result_free(&r);
+}
+
+static void check_step(struct track *t, const struct gw_fsm *f, const uint8_t *cmd, size_t len,
+                       uint64_t held_token, const struct gw_fsm_result *res)
+{
+    struct gw_fsm_cmd c;
+    bool ok = gw_fsm_cmd_decode(cmd, len, &c) == 0;
+    if (res->queued) {
+        if (res->replayed) {
+            bool found = false;
+            for (size_t i = 0; i < t->n_queued; i++)
+                found |= t->queued[i] == res->waiter_id;
+            assert_true(found);
+        } else {
+            assert_true(t->n_queued < 256);
+            t->queued[t->n_queued++] = res->waiter_id;
+        }
+    }
+    /* Wakeups happen before an acquire's own grant (expiring its holder comes first). */
+    for (size_t i = 0; i < res->n_wakeups; i++) {
+        const struct gw_fsm_wakeup *w = &res->wakeups[i];
+        assert_true(take_queued(t, w->waiter_id)); /* exactly one answer per parked request */
+        if (w->status == 200) {
+            uint64_t tok = body_token(w->body);
+            assert_true(tok > t->max_token);
+            t->max_token = tok;
+            assert_grant_sound(f, w->body);
+            t->grants++;
+        } else {
+            assert_true(w->status == 409 || w->status == 404 || w->status == 503);
+            t->rejections++;
+        }
+    }
+    if (ok && c.kind == GW_FSM_LOCK_ACQUIRE && res->status == 200 && !res->replayed) {
+        uint64_t tok = body_token(res->body);
+        /* A new holder gets a higher token than any before; the same holder its own token. */
+        if (tok <= t->max_token)
+            assert_int_equal(tok, held_token);
+        else
+            t->max_token = tok;
+        assert_grant_sound(f, res->body);
+        t->grants++;
+    }
+    struct gw_fsm_stats st;
+    gw_fsm_stats(f, &st);
+    assert_int_equal(st.waiters, t->n_queued);
+}
+
+/* The token of the lock a command names, if it is held (0 otherwise). */
+static uint64_t held_token_for(const struct gw_fsm *f, const uint8_t *cmd, size_t len)
+{
+    struct gw_fsm_cmd c;
+    if (gw_fsm_cmd_decode(cmd, len, &c) != 0 || c.kind != GW_FSM_LOCK_ACQUIRE)
+        return 0;
+    struct gw_fsm_result r;
+    gw_fsm_result_init(&r);
+    uint64_t tok = 0;
+    if (gw_fsm_get_lock(f, c.name, c.name_len, &r) == 0 && r.status == 200)
+        tok = body_token(r.body);
+    gw_fsm_result_free(&r);
+    return tok;
+}
+
+/* Feeds the same n generated commands to a and b, comparing every result; t (may be NULL)
+ * watches a's invariants and must have followed a from its start. */
+static void run_tracked(struct gen *g, struct gw_fsm *a, struct gw_fsm *b, int n, struct track *t)
 {
     struct gw_fsm_result ra, rb;
     gw_fsm_result_init(&ra);
@@ -198,16 +293,23 @@ static void run_both(struct gen *g, struct gw_fsm *a, struct gw_fsm *b, int n, s
     static uint8_t buf[4096];
     for (int i = 0; i < n; i++) {
         size_t len = gen_cmd(g, a, buf, sizeof(buf));
+        uint64_t held = t ? held_token_for(a, buf, len) : 0;
         int rca = gw_fsm_apply(a, g->index, buf, len, &ra);
         int rcb = gw_fsm_apply(b, g->index, buf, len, &rb);
         assert_int_equal(rca, rcb);
         assert_true(rca == 0 || rca == GW_FSM_ERR_UNSUPPORTED);
         assert_same_result(&ra, &rb);
-        if (wakeups)
-            *wakeups += ra.n_wakeups;
+        if (t)
+            check_step(t, a, buf, len, held, &ra);
     }
     gw_fsm_result_free(&ra);
     gw_fsm_result_free(&rb);
+}
+
+static void run_both(struct gen *g, struct gw_fsm *a, struct gw_fsm *b, int n, size_t *wakeups)
+{
+    (void)wakeups;
+    run_tracked(g, a, b, n, NULL);
 }
 
 static void two_machines_fed_the_same_sequence_have_identical_snapshots(void **state)
@@ -215,12 +317,13 @@ static void two_machines_fed_the_same_sequence_have_identical_snapshots(void **s
     for (uint64_t seed = 1; seed <= 20; seed++) {
         struct gen g = {.s = seed, .now = 1000000};
         struct gw_fsm *a = make(seed), *b = make(seed * 977 + 3);
-        size_t wakeups = 0;
+        struct track t = {0};
         for (int round = 0; round < 10; round++) {
-            run_both(&g, a, b, 300, &wakeups);
+            run_tracked(&g, a, b, 300, &t);
             assert_same_snapshot(a, b);
         }
-        assert_true(wakeups > 0);
+        assert_true(t.grants > 100);
+        assert_true(t.rejections > 0);
         gw_fsm_free(a);
         gw_fsm_free(b);
     }
