@@ -1481,6 +1481,9 @@ int gw_wal_set_hard_state(struct gw_wal *w, const struct raft_hard_state *hs)
     }
     if (hs->term == w->hs.term && hs->vote == w->hs.vote && hs->commit == w->hs.commit)
         return 0;
+    if (w->off + HS_REC_SIZE > w->opt.segment_bytes && w->off > SEG_HDR + HS_REC_SIZE &&
+        (rc = seg_create(w, w->segs[w->n_segs - 1].seq + 1)) != 0)
+        return rc;
     uint8_t r[HS_REC_SIZE];
     rc = seg_write(w, r, rec_hard_state(r, hs));
     if (rc != 0)
