@@ -219,12 +219,13 @@ void gw_fsm_free(struct gw_fsm *f);
  *
  * LEASE_GRANT      201 {"id":"<index>","ttl_ms":n}; 400 invalid_field (ttl_ms); 503 too_many_leases
  * LEASE_KEEPALIVE  200 {"id","ttl_ms"}; 404 lease_not_found (unknown or overdue)
- * LEASE_REVOKE     204; releases its locks (waking their next waiters) and drops its waiters;
- *                  404 lease_not_found
+ * LEASE_REVOKE     204; releases its locks (waking their next waiters) and drops its waiters
+ *                  (wakeups 404 lease_not_found); 404 lease_not_found (unknown or overdue)
  * LEASE_EXPIRE     200 {"expired":n} (leases really overdue at t; others untouched)
  * LOCK_ACQUIRE     200 {"name","owner","token","lease_id","ttl_ms"} (new holder, or the same
- *                  owner and lease again: same token); with ttl_ms a lease of that ttl is created
- *                  with id = index; 409 lock_held {"holder","token"} when wait_ms is 0; else
+ *                  owner and lease again: same token); without lease_id a lease of ttl_ms is
+ *                  created with id = index (for a waiter: at grant, id = its waiter id; with a
+ *                  lease_id, ttl_ms is ignored); 409 lock_held {"holder","token"} when wait_ms is 0; else
  *                  queued (waiter_id = index); 400 invalid_name / invalid_field (owner, ttl_ms,
  *                  wait_ms); 404 lease_not_found; 503 too_many_waiters / too_many_locks /
  *                  too_many_leases
