@@ -57,5 +57,9 @@ test-sanitize: test-deps build-sanitize
 bench: bench-deps build
 	bench/run.sh $(BUILD)
 
+# A 3-node cluster on loopback (etc/cluster/), until Ctrl-C.
+cluster: build
+	@etc/cluster/cluster.sh $(BUILD)
+
 clean:
 	rm -rf $(BUILD) $(BUILD_SAN)

@@ -52,6 +52,19 @@ static int remove_one(const char *path, const struct stat *sb, int flag, struct 
   return remove(path);
 }
 
+/* Create the directories above path (the log creates path itself). */
+static void mkdir_parents(const char *path)
+{
+  char buf[1024];
+  snprintf(buf, sizeof(buf), "%s", path);
+  for (char *p = buf + 1; *p; p++)
+    if (*p == '/') {
+      *p = '\0';
+      mkdir(buf, 0755);
+      *p = '/';
+    }
+}
+
 static void remove_tree(const char *dir) { nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS); }
 
 /*
@@ -70,6 +83,7 @@ static void node_config(const struct gw_config *cfg, struct gw_node_config *n, c
   n->cluster_id = 0x67776179; /* "gway" */
   if (cfg->backend == GW_BACKEND_RAFT) {
     snprintf(n->data_dir, sizeof(n->data_dir), "%s", cfg->data_dir);
+    mkdir_parents(n->data_dir);
     n->sync = true;
   } else {
     snprintf(tmp_dir, tmp_cap, "%s/gateway-%s-XXXXXX",
