@@ -124,6 +124,14 @@ static void resume(struct creq *q)
 static void on_forwarded(struct gw_forward_job *j)
 {
   struct creq *q = j->ctx;
+  if (j->failed && j->not_sent) {
+    /* The leader we knew is gone and nothing reached it: wait (within the request's 5 s) for
+     * the node to learn of another leader, then go there. */
+    gw_buf_free(&j->resp_body);
+    q->nr.avoid_leader = q->nr.leader_id;
+    if (gw_node_submit(q->c->node, &q->nr) == 0)
+      return;
+  }
   if (j->failed) {
     if (q->nr.op == GW_NODE_WRITE)
       set_error(q, 503, "outcome_unknown",

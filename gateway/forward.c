@@ -104,13 +104,16 @@ static void finish_job(struct gw_forwarder *f, struct gw_forward_job *j, CURLcod
 {
   CURL *e = j->easy_;
   long status = 0;
+  curl_off_t ready = 0;
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_getinfo(e, CURLINFO_PRETRANSFER_TIME_T, &ready);
   curl_multi_remove_handle(f->multi, e);
   curl_easy_cleanup(e);
   curl_slist_free_all(j->headers_);
   j->easy_ = j->headers_ = NULL;
   j->status = (int)status;
   j->failed = rc != CURLE_OK || status == 0;
+  j->not_sent = j->failed && (rc == CURLE_COULDNT_CONNECT || ready == 0);
   j->done(j);
 }
 
@@ -173,6 +176,7 @@ int gw_forwarder_start(struct gw_forwarder **out)
 int gw_forwarder_submit(struct gw_forwarder *f, struct gw_forward_job *job)
 {
   job->failed = 0;
+  job->not_sent = 0;
   job->status = 0;
   job->raft_index[0] = job->retry_after[0] = '\0';
   pthread_mutex_lock(&f->mu);

@@ -25,7 +25,8 @@ struct gw_forward_job {
   void *ctx;
 
   /* outputs, valid in done */
-  int failed; /* the leader could not be reached or did not answer in time */
+  int failed;     /* the leader could not be reached or did not answer in time */
+  int not_sent;   /* failed before the request could reach the leader (connect failure) */
   int status;
   struct gw_buf resp_body; /* owned by the job: gw_buf_free after done */
   char raft_index[32];

@@ -250,19 +250,19 @@ static void dispatch(struct gw_node *n, struct gw_node_req *r, uint64_t now)
     return;
   }
   if (!is_leader(n, &rs)) {
-    if (rs.leader && rs.leader != n->self) {
+    if (rs.leader && rs.leader != n->self && rs.leader != r->avoid_leader) {
       answer(n, r, GW_NODE_NOT_LEADER, 0, NULL, 0);
       return;
     }
     if (!r->deadline_ms_)
-      r->deadline_ms_ = now + GW_NODE_NO_LEADER_MS;
+      r->deadline_ms_ = r->first_ms_ + GW_NODE_NO_LEADER_MS;
     r->state_ = RS_WAIT_LEADER;
     list_push(&n->waiting, r);
     return;
   }
   if (!n->leader_ready) {
     if (!r->deadline_ms_)
-      r->deadline_ms_ = now + GW_NODE_NO_LEADER_MS;
+      r->deadline_ms_ = r->first_ms_ + GW_NODE_NO_LEADER_MS;
     r->state_ = RS_WAIT_LEADER;
     list_push(&n->waiting, r);
     return;
@@ -330,7 +330,8 @@ static void retry_waiting(struct gw_node *n, uint64_t now)
     struct gw_node_req *r = list;
     list = r->next_;
     r->next_ = NULL;
-    if ((leader && n->leader_ready) || (rs.leader && rs.leader != n->self)) {
+    if ((leader && n->leader_ready) ||
+        (rs.leader && rs.leader != n->self && rs.leader != r->avoid_leader)) {
       dispatch(n, r, now);
     } else if (now >= r->deadline_ms_) {
       answer(n, r, GW_NODE_NO_LEADER, 0, NULL, 0);
@@ -819,6 +820,8 @@ int gw_node_submit(struct gw_node *n, struct gw_node_req *req)
   req->next_ = NULL;
   req->state_ = RS_QUEUED;
   req->deadline_ms_ = 0;
+  if (!req->first_ms_)
+    req->first_ms_ = mono_ms();
   req->body = NULL;
   req->body_len = 0;
   pthread_mutex_lock(&n->qmu);

@@ -88,6 +88,7 @@ struct gw_node_req {
   const char *name;      /* reads of a lock, counter or route */
   size_t name_len;
   bool stale; /* ?consistency=stale: answer from this node's state without a ReadIndex */
+  uint64_t avoid_leader; /* a leader found unreachable: wait for another (0: none) */
   void (*done)(struct gw_node_req *req);
   void *ctx;
 
@@ -103,6 +104,7 @@ struct gw_node_req {
   /* private to the node */
   struct gw_node_req *next_;
   uint64_t index_, term_, read_seq_, deadline_ms_, read_index_;
+  uint64_t first_ms_; /* first submission (resubmissions keep it): bounds the wait for a leader */
   int state_;
 };
 
@@ -117,7 +119,9 @@ int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *
 void gw_node_stop(struct gw_node *n);
 
 /* Queues req (thread-safe). Returns 0, or -1 when the queue is full (req untouched, done not
- * called: answer 503 yourself). */
+ * called: answer 503 yourself). A request may be submitted again after done (for instance with
+ * avoid_leader set when forwarding to the leader failed); zero first_ms_ before the first
+ * submission of a new request (memset does). */
 int gw_node_submit(struct gw_node *n, struct gw_node_req *req);
 
 struct gw_node_member {
