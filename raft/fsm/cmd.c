@@ -76,6 +76,23 @@ bool gw_fsm_idem_key_valid(const char *key, size_t len)
     return printable(key, len, GW_FSM_MAX_IDEM_KEY);
 }
 
+bool gw_fsm_parse_id(const char *s, size_t len, uint64_t *id)
+{
+    if (s == NULL || len == 0 || len > 20 || s[0] == '0')
+        return false;
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return false;
+        v = v * 10 + d;
+    }
+    *id = v;
+    return true;
+}
+
 /* ---- Encoding ---------------------------------------------------------------------------- */
 
 #define HEADER_LEN 11 /* version, kind, flags, now_ms */

@@ -1717,6 +1717,25 @@ size_t gw_fsm_overdue_waiters(const struct gw_fsm *f, uint64_t now_ms, struct gw
     return n;
 }
 
+uint64_t gw_fsm_next_deadline(const struct gw_fsm *f)
+{
+    uint64_t next = UINT64_MAX;
+    HTAB_FOR(&f->leases, i)
+    {
+        const struct fsm_lease *l = f->leases.slots[i].p;
+        if (l->expires_at < next)
+            next = l->expires_at;
+    }
+    HTAB_FOR(&f->locks, i)
+    {
+        const struct fsm_lock *lk = f->locks.slots[i].p;
+        for (const struct fsm_waiter *w = lk->q_head; w != NULL; w = w->q_next)
+            if (w->deadline < next)
+                next = w->deadline;
+    }
+    return next;
+}
+
 void gw_fsm_stats(const struct gw_fsm *f, struct gw_fsm_stats *st)
 {
     memset(st, 0, sizeof(*st));

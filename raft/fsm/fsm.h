@@ -164,6 +164,9 @@ uint64_t gw_fsm_cmd_expire_id(const struct gw_fsm_cmd *c, size_t i);
 bool gw_fsm_name_valid(const char *name, size_t len);     /* 1..200 of [A-Za-z0-9._:-] */
 bool gw_fsm_owner_valid(const char *owner, size_t len);   /* 1..200 bytes 0x20..0x7e */
 bool gw_fsm_idem_key_valid(const char *key, size_t len);  /* 1..255 bytes 0x20..0x7e */
+/* Lease ids travel as decimal strings ("id": "123"): 1..20 digits, no sign, no leading zero,
+ * non-zero, at most UINT64_MAX. False for anything else (then 400 invalid_field / 404). */
+bool gw_fsm_parse_id(const char *s, size_t len, uint64_t *id);
 
 /* ---- Results ----------------------------------------------------------------------------- */
 
@@ -289,6 +292,10 @@ struct gw_fsm_waiter_ref {
  * sorted by waiter id. Returns how many were written. */
 size_t gw_fsm_overdue_waiters(const struct gw_fsm *f, uint64_t now_ms, struct gw_fsm_waiter_ref *out,
                               size_t max);
+
+/* The earliest fsm time at which a lease becomes overdue or a waiter's wait ends (UINT64_MAX:
+ * none), so the leader can sleep until then instead of polling. */
+uint64_t gw_fsm_next_deadline(const struct gw_fsm *f);
 
 struct gw_fsm_stats {
     uint64_t leases, locks, waiters, counters, routes, idem_records;

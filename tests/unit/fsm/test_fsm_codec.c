@@ -295,6 +295,23 @@ static void apply_refuses_an_index_that_does_not_increase(void **state)
     h_free(&h);
 }
 
+static void lease_ids_parse_as_strict_decimal(void **state)
+{
+    uint64_t id = 0;
+    assert_true(gw_fsm_parse_id("123", 3, &id));
+    assert_int_equal(id, 123);
+    assert_true(gw_fsm_parse_id("18446744073709551615", 20, &id));
+    assert_int_equal(id, UINT64_MAX);
+    assert_false(gw_fsm_parse_id("18446744073709551616", 20, &id));
+    assert_false(gw_fsm_parse_id("0", 1, &id));
+    assert_false(gw_fsm_parse_id("012", 3, &id));
+    assert_false(gw_fsm_parse_id("-1", 2, &id));
+    assert_false(gw_fsm_parse_id("+1", 2, &id));
+    assert_false(gw_fsm_parse_id("1x", 2, &id));
+    assert_false(gw_fsm_parse_id("", 0, &id));
+    assert_false(gw_fsm_parse_id("123456789012345678901", 21, &id));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -305,6 +322,7 @@ int main(void)
         cmocka_unit_test(random_bytes_never_crash_the_decoder_or_apply),
         cmocka_unit_test(mutated_commands_decode_canonically_or_are_refused),
         cmocka_unit_test(apply_refuses_an_index_that_does_not_increase),
+        cmocka_unit_test(lease_ids_parse_as_strict_decimal),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -205,6 +205,20 @@ static void overdue_leases_are_sorted_and_bounded(void **state)
     h_free(&h);
 }
 
+static void next_deadline_is_the_earliest_expiry_or_wait_end(void **state)
+{
+    struct h h;
+    h_init(&h);
+    assert_int_equal(gw_fsm_next_deadline(h.f), UINT64_MAX);
+    uint64_t t0 = h.now;
+    h_grant(&h, 5000);
+    h_acquire(&h, "L", "w", 0, 9000, 0);
+    assert_int_equal(gw_fsm_next_deadline(h.f), t0 + 5000);
+    h_acquire(&h, "L", "w2", 0, 9000, 1200);
+    assert_int_equal(gw_fsm_next_deadline(h.f), t0 + 1200);
+    h_free(&h);
+}
+
 static void lease_table_full_is_503_too_many_leases(void **state)
 {
     struct gw_fsm_config cfg;
@@ -307,6 +321,7 @@ int main(void)
         cmocka_unit_test(lease_get_reports_remaining_ms_and_sorted_lock_names),
         cmocka_unit_test(fsm_time_never_goes_backwards),
         cmocka_unit_test(overdue_leases_are_sorted_and_bounded),
+        cmocka_unit_test(next_deadline_is_the_earliest_expiry_or_wait_end),
         cmocka_unit_test(lease_table_full_is_503_too_many_leases),
         cmocka_unit_test(leader_change_extends_a_lease_by_at_most_the_election_gap),
         cmocka_unit_test(repeated_leader_changes_do_not_renew_a_lease),
