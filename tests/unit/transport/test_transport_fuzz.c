@@ -14,6 +14,20 @@
 
 #include "harness.h"
 
+/* Longer runs: build with -DFUZZ_STREAMS=... -DFUZZ_CONNS=... and set GW_FUZZ_SEED. */
+#ifndef FUZZ_STREAMS
+#define FUZZ_STREAMS 3000
+#endif
+#ifndef FUZZ_CONNS
+#define FUZZ_CONNS 300
+#endif
+
+static uint64_t seed_or(uint64_t dflt)
+{
+    const char *s = getenv("GW_FUZZ_SEED");
+    return s != NULL ? strtoull(s, NULL, 10) : dflt;
+}
+
 static uint64_t rng_state;
 
 static uint64_t rnd(void)
@@ -72,11 +86,11 @@ static size_t read_stream(const uint8_t *stream, size_t len, size_t max, size_t 
 
 static void frame_reader_recovers_valid_streams_and_refuses_mutations(void **state)
 {
-    rng_state = 12345;
+    rng_state = seed_or(12345);
     enum { MAXF = 64, MAXP = 600 };
     static uint8_t stream[MAXF * (MAXP + GW_TRANSPORT_FRAME_HEADER)];
     size_t want[MAXF], got[MAXF];
-    for (int iter = 0; iter < 3000; iter++) {
+    for (int iter = 0; iter < FUZZ_STREAMS; iter++) {
         size_t len = 0;
         int nf = 1 + (int)below(MAXF - 1);
         for (int i = 0; i < nf; i++)
@@ -146,7 +160,7 @@ static size_t random_message(uint8_t *buf, size_t cap)
 
 static void live_transport_survives_hostile_streams(void **state)
 {
-    rng_state = 777;
+    rng_state = seed_or(777);
     struct gw_transport_options o;
     gw_transport_options_default(&o);
     o.max_frame_bytes = 4096;
@@ -157,7 +171,7 @@ static void live_transport_survives_hostile_streams(void **state)
     node_link(&a, &b);
     struct node *ns[] = {&a, &b};
     static uint8_t buf[16384];
-    for (int iter = 0; iter < 300; iter++) {
+    for (int iter = 0; iter < FUZZ_CONNS; iter++) {
         int fd = raw_connect(&b);
         int kind = (int)below(4);
         if (kind != 0 || below(4) != 0)
@@ -203,7 +217,7 @@ static void live_transport_survives_hostile_streams(void **state)
     struct gw_transport_stats st;
     gw_transport_stats(b.t, &st);
     assert_true(st.rejected_frames > 0);
-    assert_true(st.accepted >= 300);
+    assert_true(st.accepted >= FUZZ_CONNS);
 
     /* Still serving the real node 1. */
     size_t before = b.rec.n;
