@@ -616,8 +616,19 @@ static void lease_doom(struct app *a, struct fsm_lease *l)
 {
     if (l->dying)
         return;
+    struct gw_fsm *f = a->f;
+    if (f->n_kill == f->kill_cap) {
+        /* Not reached: a lease is doomed once, and leases born in this apply are not doomed. */
+        struct fsm_lease **k = realloc(f->kill, 2 * f->kill_cap * sizeof(*k));
+        if (k == NULL) {
+            a->err = GW_FSM_ERR_NOMEM;
+            return;
+        }
+        f->kill = k;
+        f->kill_cap *= 2;
+    }
     l->dying = true;
-    a->f->kill[a->f->n_kill++] = l; /* cannot overflow: one slot per lease */
+    f->kill[f->n_kill++] = l;
 }
 
 static struct fsm_lease *lease_new(struct app *a, uint64_t id, uint64_t ttl_ms)

@@ -189,6 +189,27 @@ static void fsm_time_never_goes_backwards(void **state)
     h_free(&h);
 }
 
+static void stamps_near_the_end_of_time_saturate_instead_of_wrapping(void **state)
+{
+    struct h h;
+    h_init(&h);
+    h.now = UINT64_MAX - 10;
+    uint64_t id = h_grant(&h, 5000);
+    h_acquire(&h, "L", "w", id, 0, 0);
+    h_acquire(&h, "L", "w2", 0, 5000, 60000);
+    assert_true(h.res.queued);
+    uint64_t ids[4];
+    assert_int_equal(gw_fsm_overdue_leases(h.f, h.now, ids, 4), 0);
+    h.now = UINT64_MAX;
+    h_expire(&h, &id, 1);
+    assert_res(&h, 200, "{\"expired\":1}");
+    /* The waiter's new lease is born overdue at the last instant; it is granted all the same. */
+    assert_int_equal(h.res.n_wakeups, 1);
+    assert_int_equal(h.res.wakeups[0].status, 200);
+    assert_int_equal(gw_fsm_time(h.f), UINT64_MAX);
+    h_free(&h);
+}
+
 static void overdue_leases_are_sorted_and_bounded(void **state)
 {
     struct h h;
@@ -320,6 +341,7 @@ int main(void)
         cmocka_unit_test(lease_revoke_returns_204_and_unknown_is_404),
         cmocka_unit_test(lease_get_reports_remaining_ms_and_sorted_lock_names),
         cmocka_unit_test(fsm_time_never_goes_backwards),
+        cmocka_unit_test(stamps_near_the_end_of_time_saturate_instead_of_wrapping),
         cmocka_unit_test(overdue_leases_are_sorted_and_bounded),
         cmocka_unit_test(next_deadline_is_the_earliest_expiry_or_wait_end),
         cmocka_unit_test(lease_table_full_is_503_too_many_leases),
