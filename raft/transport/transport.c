@@ -36,6 +36,7 @@
 #define MAX_IOV 64
 #define MAX_PENDING_INBOUND 16
 #define READ_BUDGET (4 * 1024 * 1024)
+#define WRITE_BUDGET (4 * 1024 * 1024)
 #define EPOLL_BATCH 64
 #define LISTEN_PAUSE_MS 100 /* after accept fails for want of descriptors or memory */
 #define HS_PAYLOAD 28 /* "GWRT", cluster id, sender, receiver */
@@ -530,9 +531,12 @@ static void hs_build(struct gw_transport *t, struct conn *c, uint64_t to)
     c->hs_off = 0;
 }
 
-/* Writes the handshake (if unsent) and, once ready, as much of the queue as the socket takes. */
+/* Writes the handshake (if unsent) and, once ready, as much of the queue as the socket takes,
+ * up to a budget per call so that one fast peer cannot hold the node thread for long; what is
+ * left makes gw_transport_next_timeout_ms return 0. */
 static void conn_flush(struct gw_transport *t, struct conn *c)
 {
+    size_t budget = WRITE_BUDGET;
     while (!c->dead && c->state != CONN_CONNECTING) {
         struct iovec iov[MAX_IOV];
         int n = 0;
@@ -578,6 +582,9 @@ static void conn_flush(struct gw_transport *t, struct conn *c)
             set_out(t, c, true);
             return;
         }
+        if ((size_t)w >= budget)
+            return;
+        budget -= (size_t)w;
     }
 }
 
