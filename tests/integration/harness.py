@@ -26,6 +26,8 @@ UP_BIN = os.environ.get("GW_UPSTREAM", "")
 # Sanitizer builds are several times slower; waits scale with this factor.
 SLOW = float(os.environ.get("GW_TEST_SLOW", "1"))
 START_TIMEOUT_S = 15.0 * SLOW
+# Set by ctest in the ASan/UBSan build (GW_SANITIZE=ON).
+SANITIZED = os.environ.get("GW_SANITIZED", "0") == "1"
 
 
 def require_binaries():
