@@ -734,7 +734,8 @@ static void conn_read(struct gw_transport *t, struct conn *c)
             conn_close(t, c, true);
             return;
         }
-        ssize_t r = read(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen);
+        size_t room = c->rcap - c->rlen;
+        ssize_t r = read(c->fd, c->rbuf + c->rlen, room);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -747,8 +748,10 @@ static void conn_read(struct gw_transport *t, struct conn *c)
         }
         c->rlen += (size_t)r;
         conn_parse(t, c);
-        if ((size_t)r >= budget)
-            return; /* level-triggered epoll brings us back */
+        /* A short read almost always means the socket is drained: skip the read that would
+         * only say EAGAIN; level-triggered epoll brings us back if it was not. */
+        if ((size_t)r < room || (size_t)r >= budget)
+            return;
         budget -= (size_t)r;
     }
 }
