@@ -172,7 +172,9 @@ bool gw_fsm_parse_id(const char *s, size_t len, uint64_t *id);
 
 /* A waiter that got its answer during some apply: the HTTP request queued as waiter_id gets
  * status and body (200 the lock; 409 lock_held on timeout; 404 lease_not_found when its lease
- * died while it waited; 503 too_many_leases if its own lease could not be created). */
+ * died while it waited; 503 too_many_leases if its own lease could not be created). More than
+ * one request may be parked under one waiter id (a retry with the same idempotency key while the
+ * first waits is answered "queued" with the same id): every one of them gets this answer. */
 struct gw_fsm_wakeup {
     uint64_t waiter_id;
     int status;
