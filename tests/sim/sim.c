@@ -29,7 +29,8 @@
 #include <string.h>
 
 #define MAX_NODES 8
-#define N_CLIENTS 3
+#define N_CLIENTS 4
+#define CLIENT_TIMEOUT_US (25 * TICK_US) /* a client gives up and moves on */
 #define TICK_US 1000
 #define SNAP_LEN 64
 #define MAX_DECODE_ENTRIES 1024
@@ -245,7 +246,7 @@ struct sim {
     uint64_t invoked_incs, acked_incs;
     uint64_t probe_op;
     int probe_node;
-    uint64_t probe_inc, probe_index;
+    uint64_t probe_inc, probe_index, probe_deadline;
     bool live_ok;
     uint64_t live_index; /* where the liveness probe committed */
     struct {
@@ -806,6 +807,7 @@ static void pump(struct sim *s, int k)
 }
 
 static void serve_reads(struct sim *s, struct node *nd);
+static void client_skipped(struct sim *s, int k, uint64_t index);
 
 static void io_done(struct sim *s, int k)
 {
@@ -838,6 +840,7 @@ static void io_done(struct sim *s, int k)
     if (p->has_snap) {
         fsm_restore(s, nd, &p->snap);
         s->res->snapshots_sent++;
+        client_skipped(s, k, p->snap.index);
     }
     for (size_t i = 0; i < p->n_committed && !s->res->failed; i++)
         if (p->committed[i].index > nd->fsm_index)
@@ -1066,6 +1069,19 @@ static void serve_reads(struct sim *s, struct node *nd)
     nd->n_reads = j;
 }
 
+/* A node jumped over entries by installing a snapshot: requests waiting to see their entry
+ * applied there will never see it; their outcome is unknown. */
+static void client_skipped(struct sim *s, int k, uint64_t index)
+{
+    for (int i = 0; i < N_CLIENTS; i++) {
+        struct client *c = &s->clients[i];
+        if (c->state == OP_INC && c->node == k && c->index <= index)
+            client_finish(s, c);
+    }
+    if (s->probe_op && s->probe_node == k && s->probe_index <= index)
+        s->probe_op = 0;
+}
+
 static void client_node_lost(struct sim *s, int k)
 {
     for (int i = 0; i < N_CLIENTS; i++)
@@ -1082,15 +1098,17 @@ static void client_step(struct sim *s, int ci)
     if (c->state != OP_IDLE && s->o.no_faults)
         return;
     if (c->state != OP_IDLE) {
-        if (s->now >= c->deadline)
+        if (s->now >= c->deadline) {
             client_finish(s, c); /* gives up: the outcome is unknown */
+            c->target = -1;      /* and tries elsewhere, as a real client would */
+        }
         else {
             schedule(s, next + 1000, EV_CLIENT, -1 - ci);
             return;
         }
     }
     int k = c->target;
-    if (k < 0 || k >= s->n || !s->nodes[k].up)
+    if (k < 0 || k >= s->n || !s->nodes[k].up || rnd(s, 100) < 25)
         k = (int)rnd(s, (uint64_t)s->n);
     struct node *nd = &s->nodes[k];
     if (nd->up) {
@@ -1098,7 +1116,7 @@ static void client_step(struct sim *s, int ci)
         raft_status(nd->r, &st);
         if (st.role != RAFT_LEADER) {
             c->target = st.leader ? (int)st.leader - 1 : (int)rnd(s, (uint64_t)s->n);
-        } else if (s->o.no_faults || rnd(s, 100) < 65) {
+        } else if (s->o.no_faults || rnd(s, 100) < 50) {
             uint8_t buf[8];
             uint64_t op = ++s->next_op;
             put64(buf, op);
@@ -1111,7 +1129,7 @@ static void client_step(struct sim *s, int ci)
                 c->inc = nd->incarnation;
                 c->index = index;
                 c->term = st.term;
-                c->deadline = s->now + 100 * TICK_US;
+                c->deadline = s->now + CLIENT_TIMEOUT_US;
                 TRACE(s, "client %d inc op %" PRIu64 " at n%" PRIu64 " index %" PRIu64, ci, op,
                       nd->id, index);
                 pump(s, k);
@@ -1124,7 +1142,7 @@ static void client_step(struct sim *s, int ci)
                 c->node = k;
                 c->inc = nd->incarnation;
                 c->lower = s->acked_incs;
-                c->deadline = s->now + 100 * TICK_US;
+                c->deadline = s->now + CLIENT_TIMEOUT_US;
                 TRACE(s, "client %d read %" PRIu64 " at n%" PRIu64 " (>= %" PRIu64 ")", ci, ctx,
                       nd->id, c->lower);
                 pump(s, k);
@@ -1169,7 +1187,7 @@ static void fault(struct sim *s)
             if (i != leader)
                 s->blocked[i][leader] = s->blocked[leader][i] = true;
         TRACE(s, "isolate leader n%d", leader + 1);
-        schedule(s, (5 + rnd(s, 40)) * TICK_US, EV_HEAL, -1);
+        schedule(s, (5 + rnd(s, 80)) * TICK_US, EV_HEAL, -1);
     } else if (kind < 48) {
         if (leader >= 0 && rnd(s, 2))
             k = leader; /* leaders are the interesting ones to lose */
@@ -1250,6 +1268,8 @@ static void heal_everything(struct sim *s)
 
 static void liveness_probe(struct sim *s)
 {
+    if (s->probe_op && s->now > s->probe_deadline)
+        s->probe_op = 0; /* its node never saw it applied: propose another */
     if (s->live_ok || s->probe_op)
         return;
     int k = find_leader(s);
@@ -1266,6 +1286,7 @@ static void liveness_probe(struct sim *s)
         s->probe_node = k;
         s->probe_inc = nd->incarnation;
         s->probe_index = index;
+        s->probe_deadline = s->now + 50 * TICK_US;
         pump(s, k);
     }
 }
@@ -1346,7 +1367,7 @@ static void handle(struct sim *s, struct event *e)
                 for (int i = 0; i < s->n; i++)
                     if (i != e->node)
                         s->blocked[i][e->node] = s->blocked[e->node][i] = true;
-                schedule(s, (2 + rnd(s, 30)) * TICK_US, EV_HEAL, -1);
+                schedule(s, (2 + rnd(s, 60)) * TICK_US, EV_HEAL, -1);
             }
         }
         break;
@@ -1354,6 +1375,37 @@ static void handle(struct sim *s, struct event *e)
         liveness_probe(s);
         schedule(s, TICK_US, EV_LIVE, -1);
         break;
+    }
+}
+
+/* The state of every node, printed after a failure in verbose mode. */
+static void dump_nodes(struct sim *s)
+{
+    for (int k = 0; k < s->n; k++) {
+        struct node *nd = &s->nodes[k];
+        if (!nd->up) {
+            fprintf(stderr, "n%" PRIu64 ": down\n", nd->id);
+            continue;
+        }
+        struct raft_status st;
+        raft_status(nd->r, &st);
+        fprintf(stderr,
+                "n%" PRIu64 ": role %d term %" PRIu64 " vote %" PRIu64 " leader %" PRIu64
+                " commit %" PRIu64 " applied %" PRIu64 " log %" PRIu64 "..%" PRIu64 " stable %" PRIu64
+                " snapshot %" PRIu64 " fsm %" PRIu64 " io %d\n",
+                nd->id, (int)st.role, st.term, st.vote, st.leader, st.commit, st.applied,
+                st.first_index, st.last_index, st.stable_index, st.snapshot_index, nd->fsm_index,
+                (int)nd->io.active);
+        const struct raft_membership *c = raft_membership(nd->r);
+        for (uint32_t i = 0; i < c->n; i++) {
+            struct raft_progress_info pi;
+            if (raft_progress(nd->r, i, &pi))
+                fprintf(stderr, "    member n%" PRIu64 " role %d match %" PRIu64 " next %" PRIu64 "\n",
+                        pi.id, pi.role, pi.match, pi.next);
+            else
+                fprintf(stderr, "    member n%" PRIu64 " role %d\n", c->members[i].id,
+                        c->members[i].role);
+        }
     }
 }
 
@@ -1447,7 +1499,7 @@ int sim_run(const struct sim_opts *o, struct sim_result *res)
     s->max_inflight = (unsigned[]){1, 2, 4, 8}[rnd(s, 4)];
     s->heartbeat_ticks = 1 + (unsigned)rnd(s, 3);
     s->pre_vote = rnd(s, 4) != 0;
-    s->check_quorum = rnd(s, 4) != 0;
+    s->check_quorum = rnd(s, 2) != 0;
     s->client_gap_us = 100 + rnd(s, 3000);
     s->fault_gap_ticks = 5 + rnd(s, 40);
     s->depose_pct = (unsigned[]){10, 40, 70, 90}[rnd(s, 4)];
@@ -1500,6 +1552,8 @@ int sim_run(const struct sim_opts *o, struct sim_result *res)
                  (s->now - s->heal_time) / 1000);
         }
     }
+    if (res->failed && o->verbose)
+        dump_nodes(s);
     res->events = s->steps_done;
     res->virtual_us = s->now;
     sim_free(s);
