@@ -1164,7 +1164,7 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
     size_t n_snaps = 0;
     struct gw_wal *w;
     int rc;
-    bool has_snap = false, need_marker = false;
+    bool has_snap = false, need_marker = false, skipped_snap = false;
     struct raft_snapshot snap;
 
     if (errlen > 0)
@@ -1207,8 +1207,10 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
         rc = load_snapshot(w, &rp, name, snaps[i].index, snaps[i].term, &snap);
         if (rc < 0)
             goto fail;
-        if (rc == 1)
+        if (rc == 1) {
             note(w, rec, "%s; trying an older snapshot", w->err);
+            skipped_snap = true;
+        }
         has_snap = rc == 0;
     }
     rc = 0;
@@ -1248,8 +1250,9 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
     if (has_snap) {
         if (snap.index + 1 < rp.first) {
             seterr(w, "raft/storage: %s: the log starts at index %" PRIu64 " but the snapshot ends "
-                      "at index %" PRIu64 ": entries missing, refusing to start",
-                   w->dir, rp.first, snap.index);
+                      "at index %" PRIu64 ": entries missing%s, refusing to start",
+                   w->dir, rp.first, snap.index,
+                   skipped_snap ? " (a newer snapshot file is damaged)" : "");
             rc = GW_WAL_ERR_CORRUPT;
             if (cur_fd >= 0)
                 close(cur_fd);
@@ -1260,8 +1263,8 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
         need_marker = replay_snapshot(&rp, snap.index, snap.term);
     } else if (rp.first != 1) {
         seterr(w, "raft/storage: %s: the log starts at index %" PRIu64 " and there is no valid "
-                  "snapshot: refusing to start",
-               w->dir, rp.first);
+                  "snapshot%s: refusing to start",
+               w->dir, rp.first, skipped_snap ? " (every snapshot file is damaged)" : "");
         rc = GW_WAL_ERR_CORRUPT;
         if (cur_fd >= 0)
             close(cur_fd);

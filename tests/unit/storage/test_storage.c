@@ -1150,6 +1150,8 @@ static void mutated_snapshot_files_never_crash_recovery_nor_return_a_damaged_ima
         if (rc != 0) {
             /* the segments before 30 are gone: without this snapshot the log has a hole */
             assert_true(rc == GW_WAL_ERR_CORRUPT || rc == GW_WAL_ERR_VERSION);
+            if (rc == GW_WAL_ERR_CORRUPT)
+                assert_non_null(strstr(err, "snapshot file is damaged"));
             refused++;
             continue;
         }
