@@ -981,6 +981,52 @@ static void dialer_gives_up_on_a_silent_acceptor_after_the_handshake_timeout(voi
     node_stop(&a);
 }
 
+static void stalled_peer_fills_its_queue_to_the_bound_then_drops_and_recovers(void **state)
+{
+    struct gw_transport_options o;
+    gw_transport_options_default(&o);
+    o.max_queue_bytes = 1u << 20;
+    struct node a, b;
+    node_start(&a, 1, 0, &o);
+    node_start(&b, 2, 0, &o);
+    node_link(&a, &b);
+    struct node *ns[] = {&a, &b};
+    struct conn_cond cc = {&a, 2};
+    assert_true(pump(ns, 2, h_connected, &cc, WAIT_MS));
+
+    /* Node 2 stops reading; node 1 keeps sending 4 KiB entries while running. */
+    static uint8_t data[4096];
+    struct raft_entry e = {1, 1, RAFT_ENTRY_NORMAL, sizeof(data), data};
+    uint64_t accepted = 0, full = 0;
+    for (uint64_t seq = 1; full < 100 && seq < 1000000; seq++) {
+        struct raft_message m = h_heartbeat(1, 2, seq);
+        m.u.append.entries = &e;
+        m.u.append.n_entries = 1;
+        int rc = gw_transport_send(a.t, &m);
+        if (rc == 0)
+            accepted++;
+        else {
+            assert_int_equal(rc, GW_TRANSPORT_ERR_QUEUE_FULL);
+            full++;
+        }
+        if (seq % 64 == 0)
+            assert_int_equal(gw_transport_run(a.t, h_now_ms()), 0);
+        assert_true(peer_stats(&a, 2).queued_bytes <= o.max_queue_bytes);
+    }
+    assert_int_equal(full, 100);
+    struct gw_transport_peer_stats st = peer_stats(&a, 2);
+    assert_true(st.connected); /* a slow peer is not a dead one */
+    assert_int_equal(st.drops_queue_full, 100);
+
+    /* Node 2 reads again: everything accepted arrives. */
+    struct count_cond c = {&b.rec, accepted};
+    assert_true(pump(ns, 2, h_got_n, &c, WAIT_MS));
+    assert_int_equal(b.rec.n, accepted);
+    assert_int_equal(peer_stats(&a, 2).queued_bytes, 0);
+    node_stop(&a);
+    node_stop(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1003,6 +1049,7 @@ int main(void)
         cmocka_unit_test(silent_connection_is_closed_after_handshake_timeout),
         cmocka_unit_test(down_peer_queue_is_bounded_then_drains_when_it_comes_up),
         cmocka_unit_test(dead_peer_is_retried_with_backoff_not_in_a_tight_loop),
+        cmocka_unit_test(stalled_peer_fills_its_queue_to_the_bound_then_drops_and_recovers),
         cmocka_unit_test(restarted_acceptor_on_same_port_is_reconnected),
         cmocka_unit_test(restarted_dialer_on_same_port_replaces_its_old_connection),
         cmocka_unit_test(remove_peer_closes_its_connection_and_drops_later_sends),
