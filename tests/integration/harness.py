@@ -9,6 +9,7 @@ bounded. The binaries come from the environment: GW_BIN (gateway) and GW_UPSTREA
 import http.client
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -54,16 +55,41 @@ SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime
 _used_ports = set()
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
-    """A loopback TCP port that nothing listens on now (and that this process has not handed out)."""
-    for _ in range(100):
+    """A loopback TCP port that nothing listens on now and that this process has not handed out.
+
+    Ports come from below the kernel's ephemeral range, so the outgoing connections of a
+    concurrent test (1,000 clients) cannot take a port between this check and the bind."""
+    lo, _ = _ephemeral_range()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        if lo > 12000:
+            port = rng.randrange(10000, lo - 1)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+        if port in _used_ports:
+            continue
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        if port not in _used_ports:
-            _used_ports.add(port)
-            return port
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _used_ports.add(port)
+        return port
     raise RuntimeError("no free port")
 
 
