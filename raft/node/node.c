@@ -91,9 +91,12 @@ struct gw_node {
 
   uint64_t next_tick_ms;
   uint64_t tick_ms;
+  uint64_t routes_version; /* last route table version handed to on_routes */
+  bool seeded;             /* seed routes proposed in this leadership */
 
-  pthread_mutex_t smu; /* guards st */
-  struct gw_node_status st;
+  struct gw_node_status ctr; /* counters, node thread only */
+  pthread_mutex_t smu;       /* guards st */
+  struct gw_node_status st;  /* what other threads read: ctr and the core's view, published */
 };
 
 uint64_t gw_node_id_from_name(const char *name)
@@ -104,6 +107,26 @@ uint64_t gw_node_id_from_name(const char *name)
     h *= 0x100000001b3ull;
   }
   return h ? h : 1;
+}
+
+const uint64_t gw_node_latency_bounds_us[GW_NODE_LAT_BUCKETS] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000,
+    UINT64_MAX};
+
+static void observe(uint64_t *buckets, uint64_t us)
+{
+  for (int i = 0; i < GW_NODE_LAT_BUCKETS; i++)
+    if (us <= gw_node_latency_bounds_us[i]) {
+      buckets[i]++;
+      return;
+    }
+}
+
+static uint64_t mono_us(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
 static uint64_t mono_ms(void)
@@ -278,11 +301,12 @@ static void dispatch(struct gw_node *n, struct gw_node_req *r, uint64_t now)
       return;
     }
     if (rc != 0) {
-      n->st.proposals_failed++;
+      n->ctr.proposals_failed++;
       answer(n, r, GW_NODE_BUSY, 0, NULL, 0);
       return;
     }
-    n->st.proposals++;
+    n->ctr.proposals++;
+    r->proposed_us_ = mono_us();
     r->index_ = index;
     r->term_ = rs.term;
     r->deadline_ms_ = now + GW_NODE_WRITE_TIMEOUT_MS;
@@ -297,7 +321,7 @@ static void dispatch(struct gw_node *n, struct gw_node_req *r, uint64_t now)
     answer(n, r, GW_NODE_NOT_LEADER, 0, NULL, 0);
     return;
   }
-  n->st.reads++;
+  n->ctr.reads++;
   if (!r->deadline_ms_)
     r->deadline_ms_ = now + GW_NODE_NO_LEADER_MS;
   r->state_ = rc == 0 ? RS_READ_SENT : RS_QUEUED; /* BUSY: asked again next turn */
@@ -376,6 +400,7 @@ static void watch_leadership(struct gw_node *n, uint64_t now)
   if (leader && (!n->was_leader || rs.term != n->leader_term)) {
     n->leader_term = rs.term;
     n->leader_ready = false;
+    n->seeded = false;
     n->term_first_index = 0;
     n->duty_index = 0;
     /* The term's first entry is the leader's no-op: the last index now (paper section 8). */
@@ -409,11 +434,32 @@ static void watch_leadership(struct gw_node *n, uint64_t now)
   }
 }
 
+/* An empty, never written route table starts from the leader's config file. */
+static void seed_routes(struct gw_node *n, uint64_t t)
+{
+  if (n->seeded || gw_fsm_routes_version(n->fsm) != 0)
+    return;
+  n->seeded = true;
+  for (size_t i = 0; i < n->cfg.seed_count; i++) {
+    struct gw_fsm_cmd c;
+    memset(&c, 0, sizeof(c));
+    c.kind = GW_FSM_ROUTE_PUT;
+    c.now_ms = t;
+    c.name = n->cfg.seed_names[i];
+    c.name_len = strlen(c.name);
+    c.json = n->cfg.seed_jsons[i];
+    c.json_len = strlen(c.json);
+    uint64_t index;
+    propose_cmd(n, &c, &index);
+  }
+}
+
 static void leader_duties(struct gw_node *n, uint64_t now)
 {
   if (!n->leader_ready || n->stuck || now < n->next_duty_ms)
     return;
   n->next_duty_ms = now + DUTY_INTERVAL_MS;
+  seed_routes(n, fsm_now(n));
   if (n->duty_index && n->applied < n->duty_index)
     return; /* the last round is not applied yet */
   uint64_t t = fsm_now(n);
@@ -451,12 +497,18 @@ static void deliver_wakeups(struct gw_node *n, const struct gw_fsm_result *res)
 {
   for (size_t i = 0; i < res->n_wakeups; i++) {
     const struct gw_fsm_wakeup *wk = &res->wakeups[i];
-    for (struct gw_node_req *r = n->lock_waits; r; r = r->next_)
+    /* Every request parked under the waiter: an idempotent retry of a waiting acquire parks
+     * under the same id as the first. */
+    for (struct gw_node_req **p = &n->lock_waits; *p;) {
+      struct gw_node_req *r = *p;
       if (r->index_ == wk->waiter_id) {
-        list_remove(&n->lock_waits, r);
+        *p = r->next_;
+        r->next_ = NULL;
         answer(n, r, GW_NODE_OK, wk->status, wk->body, wk->body_len);
-        break;
+        continue;
       }
+      p = &r->next_;
+    }
   }
 }
 
@@ -477,7 +529,20 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
       answer(n, mine, GW_NODE_UNKNOWN, 0, NULL, 0);
     return;
   }
-  gw_fsm_apply(n->fsm, e->index, e->data, e->len, &n->res);
+  if (gw_fsm_apply(n->fsm, e->index, e->data, e->len, &n->res) == GW_FSM_ERR_NOMEM) {
+    /* The machine may be half-applied: going on would let this replica diverge. A restart
+     * rebuilds it from the snapshot and the log. */
+    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: out of memory applying entry %llu: "
+                    "stopping\"}\n",
+            (unsigned long long)e->index);
+    abort();
+  }
+  if (mine && mine->proposed_us_) {
+    uint64_t us = mono_us() - mine->proposed_us_;
+    observe(n->ctr.commit_bucket, us);
+    n->ctr.commit_us_total += us;
+    n->ctr.commit_count++;
+  }
   if (mine) {
     if (mine->term_ != e->term) {
       answer(n, mine, GW_NODE_UNKNOWN, 0, NULL, 0); /* another leader's entry took the index */
@@ -490,6 +555,16 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
     }
   }
   deliver_wakeups(n, &n->res);
+}
+
+/* Tell the gateway when the replicated route table changed. */
+static void check_routes(struct gw_node *n)
+{
+  uint64_t v = gw_fsm_routes_version(n->fsm);
+  if (v != n->routes_version && n->cfg.on_routes) {
+    n->routes_version = v;
+    n->cfg.on_routes(n->cfg.routes_ctx, n->fsm);
+  }
 }
 
 static void serve_ready_reads(struct gw_node *n)
@@ -521,10 +596,11 @@ static int persist(struct gw_node *n, const struct raft_update *u)
     uint64_t ns = 0;
     rc = gw_wal_sync(n->wal, &ns);
     if (!rc) {
-      n->st.fsyncs++;
-      n->st.fsync_ns_total += ns;
-      if (ns > n->st.fsync_ns_max)
-        n->st.fsync_ns_max = ns;
+      n->ctr.fsyncs++;
+      n->ctr.fsync_ns_total += ns;
+      observe(n->ctr.fsync_bucket, ns / 1000);
+      if (ns > n->ctr.fsync_ns_max)
+        n->ctr.fsync_ns_max = ns;
     }
   }
   return rc;
@@ -571,7 +647,7 @@ static void take_snapshot(struct gw_node *n)
   if (raft_snapshot_saved(n->raft, at, img, len) == 0) {
     const struct raft_snapshot *s = raft_last_snapshot(n->raft);
     if (s && s->index == at && gw_wal_save_snapshot(n->wal, s, 1024) == 0)
-      n->st.snapshots++;
+      n->ctr.snapshots++;
   }
   free(img);
 }
@@ -640,7 +716,7 @@ static void drain_updates(struct gw_node *n, uint64_t now)
       return;
     }
     n->stuck = false;
-    n->st.disk_full = false;
+    n->ctr.disk_full = false;
     raft_advance(n->raft, &n->stuck_u);
     free_stuck(n);
     serve_ready_reads(n);
@@ -663,7 +739,7 @@ static void drain_updates(struct gw_node *n, uint64_t now)
         abort(); /* going on could acknowledge what is not durable */
       }
       n->stuck = true;
-      n->st.disk_full = true;
+      n->ctr.disk_full = true;
       n->next_disk_retry_ms = now + DISK_RETRY_MS;
       apply_update(n, &u);
       answer_all(n, &n->waiting, GW_NODE_DISK_FULL);
@@ -676,6 +752,7 @@ static void drain_updates(struct gw_node *n, uint64_t now)
     if (u.snapshot_wanted)
       take_snapshot(n);
     raft_advance(n->raft, &u);
+    check_routes(n);
     serve_ready_reads(n);
   }
 }
@@ -702,6 +779,7 @@ static void publish_status(struct gw_node *n)
   const struct raft_membership *mb = raft_membership(n->raft);
   pthread_mutex_lock(&n->smu);
   struct gw_node_status *st = &n->st;
+  *st = n->ctr;
   snprintf(st->name, sizeof(st->name), "%s", n->cfg.name);
   st->leader_id = rs.leader;
   st->leader[0] = '\0';
@@ -995,6 +1073,7 @@ int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *
     epoll_ctl(n->epfd, EPOLL_CTL_ADD, gw_transport_fd(n->tp), &tev);
   }
   n->applied = gw_fsm_applied_index(n->fsm);
+  check_routes(n);
   if (boot.n == 1 && boot.members[0].id == n->self)
     raft_campaign(n->raft); /* a group of one need not wait out an election timeout */
   publish_status(n);

@@ -55,6 +55,17 @@ struct gw_node_config {
   uint64_t heartbeat_ms;
   uint64_t snapshot_every; /* entries applied between snapshots */
   uint64_t cluster_id;
+
+  /* The replicated route table. on_routes runs on the node thread whenever the state machine's
+   * route table changed (an applied put or delete, a restored snapshot, and once at start when
+   * the log holds routes); it may read fsm only during the call. When the table has never been
+   * written, the first leader proposes the seed routes (its config file's) so the table starts
+   * from them. */
+  void (*on_routes)(void *ctx, const struct gw_fsm *fsm);
+  void *routes_ctx;
+  const char *const *seed_names; /* the caller keeps these alive while the node runs */
+  const char *const *seed_jsons;
+  size_t seed_count;
 };
 
 /* A stable non-zero Raft id for a member's configured name (FNV-1a 64). */
@@ -105,6 +116,7 @@ struct gw_node_req {
   struct gw_node_req *next_;
   uint64_t index_, term_, read_seq_, deadline_ms_, read_index_;
   uint64_t first_ms_; /* first submission (resubmissions keep it): bounds the wait for a leader */
+  uint64_t proposed_us_;
   int state_;
 };
 
@@ -123,6 +135,9 @@ void gw_node_stop(struct gw_node *n);
  * avoid_leader set when forwarding to the leader failed); zero first_ms_ before the first
  * submission of a new request (memset does). */
 int gw_node_submit(struct gw_node *n, struct gw_node_req *req);
+
+#define GW_NODE_LAT_BUCKETS 14
+extern const uint64_t gw_node_latency_bounds_us[GW_NODE_LAT_BUCKETS]; /* last: UINT64_MAX */
 
 struct gw_node_member {
   char name[64];
@@ -145,6 +160,10 @@ struct gw_node_status {
   uint64_t proposals, proposals_failed, reads, fsyncs, snapshots;
   uint64_t fsync_ns_total, fsync_ns_max;
   bool disk_full;
+  /* Latency histograms (counts per bucket of gw_node_latency_bounds_us, not cumulative). */
+  uint64_t fsync_bucket[GW_NODE_LAT_BUCKETS];
+  uint64_t commit_bucket[GW_NODE_LAT_BUCKETS]; /* proposal to commit, this node's proposals */
+  uint64_t commit_us_total, commit_count;
 };
 void gw_node_status(struct gw_node *n, struct gw_node_status *out);
 
