@@ -1042,6 +1042,7 @@ static void config_free(struct gw_config *cfg)
     route_free(&cfg->routes[i]);
   free(cfg->routes);
   free(cfg->match_order);
+  free(cfg->doc);
   free(cfg);
 }
 
@@ -1121,6 +1122,9 @@ struct gw_config *gw_config_parse(const char *text, size_t len, struct gw_config
     }
     cross_checks(&c, cfg);
   }
+  cfg->doc = cJSON_PrintUnformatted(root);
+  if (!cfg->doc)
+    abort();
   cJSON_Delete(root);
   if (errs->count) {
     config_free(cfg);
@@ -1170,4 +1174,109 @@ void gw_config_unref(struct gw_config *c)
 {
   if (c && atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
     config_free(c);
+}
+
+/* Rewrite "config error at routes[k]..." as "config error at route..." for the route an admin
+ * call changed, so its errors name paths inside the object the caller sent. */
+static void name_paths_for_route(struct gw_config_errors *errs, int k)
+{
+  char from[32];
+  int fl = snprintf(from, sizeof(from), "config error at routes[%d]", k);
+  for (size_t i = 0; i < errs->count; i++) {
+    char *line = errs->lines[i];
+    if (strncmp(line, from, (size_t)fl) != 0)
+      continue;
+    /* "routes[k]" becomes "route": the line only gets shorter. */
+    size_t cut = (size_t)fl - strlen("config error at route");
+    memmove(line + fl - cut, line + fl, strlen(line + fl) + 1);
+  }
+}
+
+struct gw_config *gw_config_with_route(const struct gw_config *base, const char *name,
+                                       const char *route_json, size_t len,
+                                       struct gw_config_errors *errs)
+{
+  memset(errs, 0, sizeof(*errs));
+  cJSON *doc = cJSON_Parse(base->doc);
+  cJSON *route = NULL;
+  if (route_json) {
+    route = cJSON_ParseWithLength(route_json, len);
+    if (!route) {
+      snprintf(errs->lines[errs->count++], sizeof(errs->lines[0]),
+               "config error at route: invalid JSON");
+      cJSON_Delete(doc);
+      return NULL;
+    }
+    if (cJSON_IsObject(route)) {
+      const cJSON *n = cJSON_GetObjectItemCaseSensitive(route, "name");
+      if (!n)
+        cJSON_AddStringToObject(route, "name", name);
+      else if (!cJSON_IsString(n) || strcmp(n->valuestring, name) != 0) {
+        snprintf(errs->lines[errs->count++], sizeof(errs->lines[0]),
+                 "config error at route.name: must equal the name in the URL (%s)", name);
+        cJSON_Delete(route);
+        cJSON_Delete(doc);
+        return NULL;
+      }
+    }
+  }
+  if (!doc) {
+    cJSON_Delete(route);
+    return NULL;
+  }
+  cJSON *routes = cJSON_GetObjectItemCaseSensitive(doc, "routes");
+  if (!routes) {
+    routes = cJSON_AddArrayToObject(doc, "routes");
+  }
+  int k = -1, i = 0;
+  for (cJSON *it = routes->child; it; it = it->next, i++) {
+    const cJSON *n = cJSON_GetObjectItemCaseSensitive(it, "name");
+    if (cJSON_IsString(n) && strcmp(n->valuestring, name) == 0) {
+      k = i;
+      break;
+    }
+  }
+  if (route) {
+    if (k >= 0) {
+      cJSON_ReplaceItemInArray(routes, k, route);
+    } else {
+      k = cJSON_GetArraySize(routes);
+      cJSON_AddItemToArray(routes, route);
+    }
+  } else if (k >= 0) {
+    cJSON_DeleteItemFromArray(routes, k);
+  }
+  char *text = cJSON_PrintUnformatted(doc);
+  cJSON_Delete(doc);
+  if (!text)
+    return NULL;
+  struct gw_config *cfg = gw_config_parse(text, strlen(text), errs);
+  free(text);
+  if (!cfg && k >= 0)
+    name_paths_for_route(errs, k);
+  return cfg;
+}
+
+struct gw_config *gw_config_with_routes(const struct gw_config *base, const char *routes_json,
+                                        struct gw_config_errors *errs)
+{
+  memset(errs, 0, sizeof(*errs));
+  cJSON *doc = cJSON_Parse(base->doc);
+  cJSON *routes = cJSON_Parse(routes_json);
+  if (!doc || !cJSON_IsArray(routes)) {
+    cJSON_Delete(doc);
+    cJSON_Delete(routes);
+    snprintf(errs->lines[errs->count++], sizeof(errs->lines[0]),
+             "config error at routes: not an array");
+    return NULL;
+  }
+  cJSON_DeleteItemFromObjectCaseSensitive(doc, "routes");
+  cJSON_AddItemToObject(doc, "routes", routes);
+  char *text = cJSON_PrintUnformatted(doc);
+  cJSON_Delete(doc);
+  if (!text)
+    return NULL;
+  struct gw_config *cfg = gw_config_parse(text, strlen(text), errs);
+  free(text);
+  return cfg;
 }

@@ -165,6 +165,8 @@ struct gw_config {
   struct gw_route *routes; /* owned; in the file's order */
   size_t route_count;
   struct gw_route **match_order; /* owned; routes in matching precedence (router.h) */
+  char *doc;                      /* owned: the whole document as loaded, compact JSON */
+  uint64_t routes_version;        /* bumped by every route change through the admin API */
 };
 
 /* The problems found while loading, one line each ("config error at PATH: WHAT"). */
@@ -182,6 +184,19 @@ struct gw_config *gw_config_parse(const char *text, size_t len, struct gw_config
 
 /* Read FILE and parse it; an unreadable file is reported in errs as well. */
 struct gw_config *gw_config_load(const char *path, struct gw_config_errors *errs);
+
+/*
+ * A new config: base with route `name` replaced or added (route_json, len bytes: the route
+ * object, whose "name" may be omitted) or removed (route_json NULL), validated exactly like a
+ * file. Errors about that route name paths inside it ("config error at route.upstream...").
+ */
+struct gw_config *gw_config_with_route(const struct gw_config *base, const char *name,
+                                       const char *route_json, size_t len,
+                                       struct gw_config_errors *errs);
+
+/* A new config: base with its routes replaced by routes_json (a JSON array of route objects). */
+struct gw_config *gw_config_with_routes(const struct gw_config *base, const char *routes_json,
+                                        struct gw_config_errors *errs);
 
 /* Take and drop a reference; the last unref frees the config. */
 struct gw_config *gw_config_ref(struct gw_config *c);

@@ -23,6 +23,10 @@
 #define IDEM_MAX_BYTES (64u << 20)
 #define LIMITER_MAX_RESERVED_BYTES (256u << 20)
 
+const uint64_t gw_latency_bounds_us[GW_LATENCY_BUCKETS] = {
+    1000,    2500,    5000,    10000,    25000,    50000,    100000,
+    250000,  500000,  1000000, 2500000,  5000000, 10000000, UINT64_MAX};
+
 /* ---- responses ---- */
 
 bool gw_resp_add_header(struct gw_resp *r, const char *name, const char *value)
@@ -299,6 +303,7 @@ void gw_pipeline_init(struct gw_preq *p, const struct gw_route *route, uint64_t 
   p->route = route;
   p->rt = rt_ref(route->rt);
   p->start_ns = now_ns;
+  atomic_fetch_add_explicit(&p->rt->inflight, 1, memory_order_relaxed);
 }
 
 static bool method_listed(char *const *methods, size_t n, const char *m)
@@ -605,6 +610,18 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
                       "execute again", r->name, gw_policy_strerror(rc));
     p->idem_claimed = false;
   }
+  int st = resp->status;
+  atomic_fetch_add_explicit(&rt->status_class[st >= 100 && st < 600 ? st / 100 : 0], 1,
+                            memory_order_relaxed);
+  uint64_t us = now_ns > p->start_ns ? (now_ns - p->start_ns) / 1000 : 0;
+  for (int i = 0; i < GW_LATENCY_BUCKETS; i++)
+    if (us <= gw_latency_bounds_us[i]) {
+      atomic_fetch_add_explicit(&rt->latency_bucket[i], 1, memory_order_relaxed);
+      break;
+    }
+  atomic_fetch_add_explicit(&rt->latency_sum_us, us, memory_order_relaxed);
+  atomic_fetch_add_explicit(&rt->latency_count, 1, memory_order_relaxed);
+  atomic_fetch_sub_explicit(&rt->inflight, 1, memory_order_relaxed);
   pthread_mutex_lock(&rt->mu);
   if (p->ticket.admitted)
     gw_breaker_cancel(rt->breaker, &p->ticket);

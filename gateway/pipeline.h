@@ -35,6 +35,10 @@
 
 struct gw_stale_cache;
 
+/* Request latency histogram bounds, in microseconds (the last one is +Inf). */
+#define GW_LATENCY_BUCKETS 14
+extern const uint64_t gw_latency_bounds_us[GW_LATENCY_BUCKETS];
+
 /* Live policy state of one route. Reference counted; shared by the workers. */
 struct gw_route_rt {
   atomic_int refs;
@@ -53,6 +57,10 @@ struct gw_route_rt {
   struct gw_stale_cache *stale;
 
   atomic_ullong requests, rate_limited, breaker_rejected, retries, degraded, replays;
+  atomic_int inflight;
+  atomic_ullong status_class[6]; /* [0] other, [1] 1xx ... [5] 5xx */
+  atomic_ullong latency_bucket[GW_LATENCY_BUCKETS]; /* requests at or under each bound */
+  atomic_ullong latency_sum_us, latency_count;
 };
 
 /* Create the live state of every route of cfg, reusing prev's for unchanged routes. */
