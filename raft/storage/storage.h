@@ -65,8 +65,9 @@ struct gw_wal_options {
     bool sync;                   /* fdatasync/fsync for real; default true. false only for
                                     benchmarks and tests: nothing is then durable */
     bool preallocate;            /* reserve segment_bytes (fallocate) when a segment starts, so
-                                    appends do not grow the file and a sync flushes data only;
-                                    a full disk then shows up when a segment starts; default true */
+                                    appends do not grow the file, and a full disk mostly shows
+                                    up when a segment starts rather than mid-append; default
+                                    true */
     /* Optional: one line per thing recovery repaired (a cut tail, a removed temporary file). */
     void (*log)(void *ctx, const char *line);
     void *log_ctx;
