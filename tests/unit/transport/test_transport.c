@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include <sys/epoll.h>
 #include <sys/resource.h>
 
 #include "harness.h"
@@ -1027,6 +1028,41 @@ static void stalled_peer_fills_its_queue_to_the_bound_then_drops_and_recovers(vo
     node_stop(&b);
 }
 
+/* The node thread adds the transport's fd to its own epoll and runs it when that fires. */
+static void transport_fd_wakes_the_node_threads_own_epoll(void **state)
+{
+    struct node a, b;
+    node_start(&a, 1, 0, NULL);
+    node_start(&b, 2, 0, NULL);
+    node_link(&a, &b);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    assert_true(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 2};
+    assert_int_equal(epoll_ctl(ep, EPOLL_CTL_ADD, gw_transport_fd(b.t), &ev), 0);
+    struct raft_message hb = h_heartbeat(1, 2, 11);
+    assert_int_equal(gw_transport_send(a.t, &hb), 0);
+    uint64_t end = h_now_ms() + WAIT_MS;
+    while (b.rec.n == 0 && h_now_ms() < end) {
+        assert_int_equal(gw_transport_run(a.t, h_now_ms()), 0);
+        int wait = gw_transport_next_timeout_ms(b.t, h_now_ms());
+        struct epoll_event got;
+        int n = epoll_wait(ep, &got, 1, wait < 0 || wait > 5 ? 5 : wait);
+        if (n == 1)
+            assert_int_equal(got.data.u64, 2);
+        assert_int_equal(gw_transport_run(b.t, h_now_ms()), 0);
+    }
+    assert_int_equal(b.rec.n, 1);
+    assert_int_equal(b.rec.v[0].seq, 11);
+    /* Nothing left to do: the fd is quiet and no timer is due. */
+    assert_int_equal(gw_transport_run(b.t, h_now_ms()), 0);
+    struct epoll_event got;
+    assert_int_equal(epoll_wait(ep, &got, 1, 20), 0);
+    assert_int_equal(gw_transport_next_timeout_ms(b.t, h_now_ms()), -1);
+    close(ep);
+    node_stop(&a);
+    node_stop(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1057,6 +1093,7 @@ int main(void)
         cmocka_unit_test(changing_a_peer_address_moves_the_connection),
         cmocka_unit_test(frame_cut_by_a_broken_connection_is_dropped_and_the_rest_follow_whole),
         cmocka_unit_test(ipv6_loopback_works),
+        cmocka_unit_test(transport_fd_wakes_the_node_threads_own_epoll),
         cmocka_unit_test(dialer_speaks_the_documented_wire_format),
         cmocka_unit_test(dialer_refuses_an_answer_from_the_wrong_node),
         cmocka_unit_test(dialer_gives_up_on_a_silent_acceptor_after_the_handshake_timeout),
