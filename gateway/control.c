@@ -27,46 +27,14 @@
 #include "fsm.h"
 #include "log.h"
 #include "node.h"
+#include "control_int.h"
 
 #define V1_MAX_BODY (64u << 10)
 
-struct gw_control {
-  struct MHD_Daemon *mhd;
-  struct gw_engine *eng;
-  struct gw_node *node;
-  struct gw_forwarder *fwd;
-  char node_name[64];
-};
-
-enum cstate { C_BODY = 0, C_WAIT, C_DONE };
-
-/* One control-plane request. Owned by its connection (freed when the request completes). */
-struct creq {
-  struct gw_control *c;
-  struct MHD_Connection *conn;
-  char *uri; /* owned: the raw request target */
-  const char *method;
-  struct gw_buf body;
-  bool too_large;
-  enum cstate state;
-  bool forwarded_in; /* came from another node: never forwarded again */
-
-  int status;
-  struct gw_buf out;
-  char raft_index[32];
-  char retry_after[32];
-
-  struct gw_node_req nr;
-  char name[256];
-  char owner[256];
-  char idem[256];
-  struct gw_forward_job fj;
-};
-
 /* ---- answers ---- */
 
-static void set_error(struct creq *q, int status, const char *code, const char *message,
-                      const char *field)
+void gw_control_set_error(struct creq *q, int status, const char *code, const char *message,
+                          const char *field)
 {
   char buf[768];
   char esc_msg[320];
@@ -81,10 +49,13 @@ static void set_error(struct creq *q, int status, const char *code, const char *
   gw_buf_set(&q->out, buf, strlen(buf));
 }
 
-static void set_gw_error(struct creq *q, int err)
+void gw_control_set_gw_error(struct creq *q, int err)
 {
-  set_error(q, gw_err_status(err), gw_err_name(err), gw_strerror(err), NULL);
+  gw_control_set_error(q, gw_err_status(err), gw_err_name(err), gw_strerror(err), NULL);
 }
+
+#define set_error gw_control_set_error
+#define set_gw_error gw_control_set_gw_error
 
 static enum MHD_Result send_answer(struct creq *q)
 {
@@ -93,7 +64,8 @@ static enum MHD_Result send_answer(struct creq *q)
   if (!resp)
     return MHD_NO;
   if (q->out.len)
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            q->content_type ? q->content_type : "application/json");
   if (q->raft_index[0])
     MHD_add_response_header(resp, "Raft-Index", q->raft_index);
   if (q->retry_after[0])
@@ -211,6 +183,22 @@ static void on_node_done(struct gw_node_req *nr)
   free(nr->body);
   nr->body = NULL;
   resume(q);
+}
+
+bool gw_control_submit(struct creq *q)
+{
+  q->nr.done = on_node_done;
+  q->nr.ctx = q;
+  q->state = C_WAIT;
+  MHD_suspend_connection(q->conn);
+  if (gw_node_submit(q->c->node, &q->nr) != 0) {
+    set_error(q, 503, "overloaded", "the coordination queue is full: retry shortly", NULL);
+    snprintf(q->retry_after, sizeof(q->retry_after), "1");
+    set_raft_index_now(q);
+    resume(q);
+    return false;
+  }
+  return true;
 }
 
 /* ---- /v1 parsing ---- */
@@ -562,14 +550,20 @@ static enum MHD_Result route(struct creq *q, const char *url)
       set_raft_index_now(q);
       return send_answer(q);
     }
-    q->state = C_WAIT;
-    MHD_suspend_connection(q->conn);
-    if (gw_node_submit(c->node, &q->nr) != 0) {
-      set_error(q, 503, "overloaded", "the coordination queue is full: retry shortly", NULL);
-      snprintf(q->retry_after, sizeof(q->retry_after), "1");
-      set_raft_index_now(q);
-      resume(q);
+    gw_control_submit(q);
+    return MHD_YES;
+  }
+  if (strcmp(url, "/metrics") == 0 || strncmp(url, "/admin", 6) == 0) {
+    char path[512];
+    size_t pl = strcspn(q->uri, "?");
+    if (pl >= sizeof(path)) {
+      set_gw_error(q, GW_ENOT_FOUND);
+      return send_answer(q);
     }
+    memcpy(path, q->uri, pl);
+    path[pl] = '\0';
+    if (gw_admin_handle(q, path))
+      return send_answer(q);
     return MHD_YES;
   }
   set_gw_error(q, GW_ENOT_FOUND);
@@ -606,11 +600,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 }
 
 int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct gw_engine *eng,
-                     struct gw_node *node, const char *node_name)
+                     struct gw_node *node, const char *node_name, bool replicated_routes)
 {
   struct gw_control *c = calloc(1, sizeof(*c));
   if (!c)
     return -1;
+  c->replicated_routes = replicated_routes && node;
+  pthread_mutex_init(&c->admin_mu, NULL);
   c->eng = eng;
   c->node = node;
   snprintf(c->node_name, sizeof(c->node_name), "%s", node_name ? node_name : "");
@@ -635,10 +631,10 @@ int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct
   c->mhd = MHD_start_daemon(
       MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
           MHD_USE_ERROR_LOG,
-      0, NULL, NULL, on_request, c, MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_URI_LOG_CALLBACK,
-      on_uri, c, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c, MHD_OPTION_CONNECTION_TIMEOUT, 60u,
-      MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary,
-      "libmicrohttpd", MHD_OPTION_END);
+      0, NULL, NULL, on_request, c, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary, "libmicrohttpd",
+      MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_URI_LOG_CALLBACK, on_uri, c,
+      MHD_OPTION_NOTIFY_COMPLETED, on_completed, c, MHD_OPTION_CONNECTION_TIMEOUT, 60u,
+      MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_END);
   if (!c->mhd) {
     gw_logf("error", "cannot start the control listener on %s", addr->text);
     close(fd);

@@ -7,6 +7,8 @@
 #ifndef GW_CONTROL_H
 #define GW_CONTROL_H
 
+#include <stdbool.h>
+
 #include "config.h"
 #include "engine.h"
 
@@ -16,10 +18,12 @@ struct gw_node;
 
 /*
  * Listen on addr and serve. node (may be NULL) answers /v1; node_name is this member's name,
- * sent along when a request is forwarded to the leader. Returns 0, or -1 after logging why.
+ * sent along when a request is forwarded to the leader. With replicated_routes the admin API's
+ * route changes are proposed to the node (backend raft); else they apply to this node only.
+ * Returns 0, or -1 after logging why.
  */
 int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct gw_engine *eng,
-                     struct gw_node *node, const char *node_name);
+                     struct gw_node *node, const char *node_name, bool replicated_routes);
 
 /* Stop forwarding to the leader (pending forwards are answered); the listener keeps serving. */
 void gw_control_stop_forwarding(struct gw_control *c);

@@ -129,6 +129,7 @@ struct gw_engine {
   atomic_bool draining;
   atomic_int connections;
   atomic_ullong refused;
+  atomic_ullong unrouted[6];
   uint32_t max_connections;
   int64_t drain_deadline_ms;
   size_t nworkers;
@@ -1146,6 +1147,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   if (r->p_active && r->p.rt) /* answered before the chain finished (cannot happen) */
     gw_pipeline_finish(&r->p, &r->view, r->last_result, r->err, now_ns(), &r->resp);
   if (r->counted) {
+    if (!r->p_active) {
+      int st = r->resp.status;
+      atomic_fetch_add_explicit(&w->eng->unrouted[st >= 100 && st < 600 ? st / 100 : 0], 1,
+                                memory_order_relaxed);
+    }
     if (r->method)
       access_log(w, r, toe);
     w->inflight--;
@@ -1338,12 +1344,12 @@ static int worker_init(struct worker *w, const struct gw_config *cfg)
   unsigned idle_s = (unsigned)((cfg->idle_timeout_ms + 999) / 1000);
   w->mhd = MHD_start_daemon(
       MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO | MHD_USE_ERROR_LOG, 0, on_accept,
-      w->eng, on_request, w, MHD_OPTION_LISTEN_SOCKET, w->listen_fd, MHD_OPTION_URI_LOG_CALLBACK,
+      w->eng, on_request, w, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary, "libmicrohttpd",
+      MHD_OPTION_LISTEN_SOCKET, w->listen_fd, MHD_OPTION_URI_LOG_CALLBACK,
       on_uri, w, MHD_OPTION_NOTIFY_COMPLETED, on_completed, w, MHD_OPTION_NOTIFY_CONNECTION,
       on_connection, w, MHD_OPTION_CONNECTION_TIMEOUT, idle_s, MHD_OPTION_CONNECTION_LIMIT,
       (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-      (size_t)cfg->connection_memory_bytes, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary,
-      "libmicrohttpd", MHD_OPTION_END);
+      (size_t)cfg->connection_memory_bytes, MHD_OPTION_END);
   if (!w->mhd)
     return -1;
   const union MHD_DaemonInfo *info = MHD_get_daemon_info(w->mhd, MHD_DAEMON_INFO_EPOLL_FD);
@@ -1390,6 +1396,19 @@ int gw_engine_start(struct gw_engine **out, struct gw_config *cfg)
   e->workers = calloc(e->nworkers, sizeof(*e->workers));
   if (!e->workers)
     return -1;
+  /* SO_REUSEPORT would let this process share a port another server holds: bind once without
+   * it first, so "address in use" means what it says. */
+  int probe = socket(cfg->listen.ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int reuse = 1;
+  if (probe >= 0)
+    setsockopt(probe, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse)); /* TIME_WAIT is fine */
+  if (probe >= 0 && bind(probe, (const struct sockaddr *)&cfg->listen.ss, cfg->listen.len) != 0) {
+    gw_logf("error", "cannot listen on %s: %s", cfg->listen.text, strerror(errno));
+    close(probe);
+    return -1;
+  }
+  if (probe >= 0)
+    close(probe);
   for (size_t i = 0; i < e->nworkers; i++) {
     struct worker *w = &e->workers[i];
     w->eng = e;
@@ -1438,6 +1457,15 @@ struct gw_config *gw_engine_config(struct gw_engine *e)
   struct gw_config *c = gw_config_ref(e->cfg);
   pthread_mutex_unlock(&e->cfg_mu);
   return c;
+}
+
+void gw_engine_stats(struct gw_engine *e, struct gw_engine_stats *out)
+{
+  out->connections = atomic_load_explicit(&e->connections, memory_order_relaxed);
+  out->refused = atomic_load_explicit(&e->refused, memory_order_relaxed);
+  for (int i = 0; i < 6; i++)
+    out->unrouted[i] = atomic_load_explicit(&e->unrouted[i], memory_order_relaxed);
+  out->workers = (unsigned)e->nworkers;
 }
 
 bool gw_engine_accepting(const struct gw_engine *e)

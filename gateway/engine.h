@@ -40,6 +40,14 @@ void gw_engine_drain(struct gw_engine *e, uint64_t grace_ms);
 /* Free everything; the engine must have been drained. */
 void gw_engine_free(struct gw_engine *e);
 
+struct gw_engine_stats {
+  int connections;
+  uint64_t refused;
+  uint64_t unrouted[6]; /* answers given before a route was known, by status class */
+  unsigned workers;
+};
+void gw_engine_stats(struct gw_engine *e, struct gw_engine_stats *out);
+
 /* True while not draining. */
 bool gw_engine_accepting(const struct gw_engine *e);
 

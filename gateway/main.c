@@ -13,6 +13,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include "buf.h"
 #include "config.h"
 #include "control.h"
 #include "engine.h"
@@ -113,6 +114,118 @@ static void node_config(const struct gw_config *cfg, struct gw_node_config *n, c
   }
 }
 
+/* The routes of cfg as a JSON array of their objects as written. malloc'd. */
+static char *routes_json(const struct gw_config *cfg)
+{
+  size_t n = 3;
+  for (size_t i = 0; i < cfg->route_count; i++)
+    n += strlen(cfg->routes[i].json) + 1;
+  char *out = malloc(n);
+  if (!out)
+    return NULL;
+  size_t o = 0;
+  out[o++] = '[';
+  for (size_t i = 0; i < cfg->route_count; i++) {
+    if (i)
+      out[o++] = ',';
+    size_t l = strlen(cfg->routes[i].json);
+    memcpy(out + o, cfg->routes[i].json, l);
+    o += l;
+  }
+  out[o++] = ']';
+  out[o] = '\0';
+  return out;
+}
+
+/* Make next current (attaching live policy state from cur), or log why not. */
+static void apply_config(struct gw_engine *eng, struct gw_config *cur, struct gw_config *next,
+                         const char *why)
+{
+  if (gw_pipeline_attach(next, cur) != 0) {
+    gw_logf("error", "%s rejected: keeping the running config", why);
+    gw_config_unref(next);
+    return;
+  }
+  if (strcmp(next->listen.text, cur->listen.text) != 0 ||
+      strcmp(next->api_listen.text, cur->api_listen.text) != 0)
+    gw_logf("warn", "listen addresses change only on restart");
+  gw_engine_set_config(eng, next);
+  gw_logf("info", "%s: %zu routes (route table version %llu)", why, next->route_count,
+          (unsigned long long)next->routes_version);
+  gw_config_unref(next);
+}
+
+/*
+ * SIGHUP: re-read the file. With backend raft the routes are the cluster's replicated table, so
+ * the file's other settings apply and the running routes stay.
+ */
+static void reload(const char *path, struct gw_engine *eng)
+{
+  static struct gw_config_errors errs;
+  struct gw_config *cur = gw_engine_config(eng);
+  struct gw_config *next = gw_config_load(path, &errs);
+  if (next && cur->backend == GW_BACKEND_RAFT) {
+    char *routes = routes_json(cur);
+    struct gw_config *merged = routes ? gw_config_with_routes(next, routes, &errs) : NULL;
+    free(routes);
+    gw_config_unref(next);
+    next = merged;
+    if (next)
+      next->routes_version = cur->routes_version;
+  } else if (next) {
+    next->routes_version = cur->routes_version + 1;
+  }
+  if (!next) {
+    gw_logf("error", "reload rejected: keeping the running config");
+    report(&errs, true);
+  } else {
+    apply_config(eng, cur, next, "config reloaded");
+  }
+  gw_config_unref(cur);
+}
+
+struct route_fold {
+  struct gw_buf json;
+  bool first;
+};
+
+static int fold_route(void *ctx, const char *name, size_t name_len, const char *json,
+                      size_t json_len, uint64_t version)
+{
+  struct route_fold *f = ctx;
+  (void)name;
+  (void)name_len;
+  (void)version;
+  if (!f->first)
+    gw_buf_append(&f->json, ",", 1);
+  f->first = false;
+  gw_buf_append(&f->json, json, json_len);
+  return 0;
+}
+
+/* The replicated route table changed (node thread): rebuild this node's config from it. */
+static void on_routes(void *ctx, const struct gw_fsm *fsm)
+{
+  static struct gw_config_errors errs;
+  struct gw_engine *eng = ctx;
+  struct route_fold f = {{NULL, 0, 0}, true};
+  gw_buf_append(&f.json, "[", 1);
+  gw_fsm_routes_foreach(fsm, fold_route, &f);
+  gw_buf_append(&f.json, "]", 1);
+  struct gw_config *cur = gw_engine_config(eng);
+  struct gw_config *next = f.json.p ? gw_config_with_routes(cur, f.json.p, &errs) : NULL;
+  gw_buf_free(&f.json);
+  if (!next) {
+    gw_logf("error", "the cluster's route table does not validate on this node: keeping the "
+                     "running routes");
+    report(&errs, true);
+  } else {
+    next->routes_version = gw_fsm_routes_version(fsm);
+    apply_config(eng, cur, next, "routes changed in the cluster");
+  }
+  gw_config_unref(cur);
+}
+
 static void raise_fd_limit(void)
 {
   struct rlimit rl;
@@ -182,6 +295,19 @@ int main(int argc, char **argv)
   static char tmp_dir[256];
   struct gw_node_config ncfg;
   node_config(cfg, &ncfg, tmp_dir, sizeof(tmp_dir));
+  if (cfg->backend == GW_BACKEND_RAFT) {
+    /* Routes are replicated: the table starts from this file if the cluster has none yet. */
+    static const char *seed_names[GW_CONFIG_MAX_ROUTES], *seed_jsons[GW_CONFIG_MAX_ROUTES];
+    for (size_t i = 0; i < cfg->route_count; i++) {
+      seed_names[i] = strdup(cfg->routes[i].name);
+      seed_jsons[i] = strdup(cfg->routes[i].json);
+    }
+    ncfg.seed_names = seed_names;
+    ncfg.seed_jsons = seed_jsons;
+    ncfg.seed_count = cfg->route_count;
+    ncfg.on_routes = on_routes;
+    ncfg.routes_ctx = eng;
+  }
   struct gw_node *node = NULL;
   char nerr[1024];
   if (gw_node_start(&ncfg, &node, nerr, sizeof(nerr)) != 0) {
@@ -189,40 +315,26 @@ int main(int argc, char **argv)
     return 1;
   }
   struct gw_control *ctl = NULL;
-  if (gw_control_start(&ctl, &cfg->api_listen, eng, node, cfg->node_id) != 0)
+  if (gw_control_start(&ctl, &cfg->api_listen, eng, node, cfg->node_id,
+                       cfg->backend == GW_BACKEND_RAFT) != 0)
     return 1;
   gw_logf("info", "gateway %s node %s serving on %s (control %s), %zu routes", GW_VERSION,
           cfg->node_id, cfg->listen.text, cfg->api_listen.text, cfg->route_count);
+  gw_config_unref(cfg); /* from here on the engine holds the current config */
 
+  int sig = 0;
   for (;;) {
-    int sig;
     if (sigwait(&set, &sig) != 0)
       continue;
     if (sig == SIGHUP) {
-      struct gw_config *next = gw_config_load(path, &errs);
-      if (!next) {
-        gw_logf("error", "reload rejected: keeping the running config");
-        report(&errs, true);
-        continue;
-      }
-      if (gw_pipeline_attach(next, cfg) != 0) {
-        gw_logf("error", "reload rejected: keeping the running config");
-        gw_config_unref(next);
-        continue;
-      }
-      if (strcmp(next->listen.text, cfg->listen.text) != 0 ||
-          strcmp(next->api_listen.text, cfg->api_listen.text) != 0)
-        gw_logf("warn", "listen addresses change only on restart");
-      gw_engine_set_config(eng, next);
-      gw_config_unref(cfg);
-      cfg = next;
-      gw_logf("info", "config reloaded: %zu routes", cfg->route_count);
+      reload(path, eng);
       continue;
     }
-    gw_logf("info", "%s: draining (at most %llu ms)", sig == SIGINT ? "SIGINT" : "SIGTERM",
-            (unsigned long long)cfg->shutdown_grace_ms);
     break;
   }
+  cfg = gw_engine_config(eng);
+  gw_logf("info", "%s: draining (at most %llu ms)", sig == SIGINT ? "SIGINT" : "SIGTERM",
+          (unsigned long long)cfg->shutdown_grace_ms);
   gw_engine_drain(eng, cfg->shutdown_grace_ms);
   gw_control_stop_forwarding(ctl);
   gw_node_stop(node);

@@ -809,7 +809,8 @@ static void publish_status(struct gw_node *n)
         inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
         port = ntohs(a->sin6_port);
       }
-      snprintf(m->raft, sizeof(m->raft), "%s:%u", host, port);
+      if (host[0])
+        snprintf(m->raft, sizeof(m->raft), "%s:%u", host, port);
     }
     if (m->id == rs.leader)
       snprintf(st->leader, sizeof(st->leader), "%s", m->name);
