@@ -43,7 +43,7 @@ enum rec_kind {
     REC_ENTRY = 1,      /* body: term, index, payload */
     REC_HARD_STATE = 2, /* body: term, vote, commit */
     REC_NEXT = 3,       /* body: index; entries from it on are discarded, the log continues there */
-    REC_SNAPSHOT = 4,   /* body: index, term; see replay_snapshot() */
+    REC_SNAPSHOT = 4,   /* body: index, term, replaced (0 or 1); see replay_record() */
 };
 
 #define HS_REC_SIZE (REC_HDR + 24u)
@@ -248,12 +248,23 @@ static size_t rec_hard_state(uint8_t *p, const struct raft_hard_state *hs)
     return rec_finish(p);
 }
 
-static size_t rec_two(uint8_t *p, uint8_t kind, uint64_t a, uint64_t b)
+static size_t rec_next(uint8_t *p, uint64_t index)
 {
-    rec_begin(p, kind, 0, kind == REC_NEXT ? 8 : 16);
-    put64(p + REC_HDR, a);
-    if (kind != REC_NEXT)
-        put64(p + REC_HDR + 8, b);
+    rec_begin(p, REC_NEXT, 0, 8);
+    put64(p + REC_HDR, index);
+    return rec_finish(p);
+}
+
+#define SNAP_REC_SIZE (REC_HDR + 24u)
+
+/* replaced: whether saving this snapshot discarded the whole log (decided when it was saved,
+ * with the full log at hand; a replay may no longer have the entry at index to compare). */
+static size_t rec_snapshot(uint8_t *p, uint64_t index, uint64_t term, bool replaced)
+{
+    rec_begin(p, REC_SNAPSHOT, 0, 24);
+    put64(p + REC_HDR, index);
+    put64(p + REC_HDR + 8, term);
+    put64(p + REC_HDR + 16, replaced ? 1 : 0);
     return rec_finish(p);
 }
 
@@ -290,7 +301,7 @@ static bool rec_parse(const uint8_t *buf, size_t size, size_t off, struct rec *r
             return false;
         break;
     case REC_SNAPSHOT:
-        if (body_len != 16 || etype != 0)
+        if (body_len != 24 || etype != 0 || get64(p + REC_HDR + 16) > 1)
             return false;
         break;
     default:
@@ -757,8 +768,10 @@ static void replay_reset(struct replay *rp, uint64_t next)
 /* A snapshot (index s, term t) decides the fate of the log the way the core's contract says:
  * a log holding s with term t stays (entries up to s are trailing entries, consistent with the
  * snapshot by Log Matching); a log that disagrees at s, or ends before s, is replaced by an
- * empty one continuing at s + 1. A log starting after s is left alone. Returns whether the log
- * was replaced. */
+ * empty one continuing at s + 1. Used for a snapshot file whose log record is missing (a crash
+ * between the rename and the record): the log then still reaches back to s (compaction comes
+ * after the record), and a log starting after s is left alone. Returns whether the log was
+ * replaced. */
 static bool replay_snapshot(struct replay *rp, uint64_t s, uint64_t t)
 {
     if (s < rp->first)
@@ -827,7 +840,8 @@ static int replay_record(struct gw_wal *w, struct replay *rp, const struct rec *
         return 0;
     }
     case REC_SNAPSHOT:
-        replay_snapshot(rp, get64(b), get64(b + 8));
+        if (get64(b + 16) != 0)
+            replay_reset(rp, get64(b) + 1);
         return 0;
     }
     return GW_WAL_ERR_CORRUPT; /* rec_parse accepts only the kinds above */
@@ -1296,8 +1310,8 @@ int gw_wal_open(const char *dir, const struct gw_wal_options *opt, struct gw_wal
         w->off = cur_end;
     }
     if (need_marker) {
-        uint8_t m[REC_HDR + 16];
-        rc = seg_write(w, m, rec_two(m, REC_SNAPSHOT, snap.index, snap.term));
+        uint8_t m[SNAP_REC_SIZE];
+        rc = seg_write(w, m, rec_snapshot(m, snap.index, snap.term, true));
         if (rc == 0)
             rc = gw_wal_sync(w, NULL);
         if (rc != 0)
@@ -1447,7 +1461,7 @@ int gw_wal_append(struct gw_wal *w, const struct raft_entry *e, size_t n)
 
     uint8_t *p = w->buf;
     if (truncate)
-        p += rec_two(p, REC_NEXT, i0, 0);
+        p += rec_next(p, i0);
     for (size_t k = 0; k < n; k++) {
         rec_begin(p, REC_ENTRY, e[k].type, 16u + e[k].len);
         put64(p + REC_HDR, e[k].term);
@@ -1615,8 +1629,8 @@ int gw_wal_save_snapshot(struct gw_wal *w, const struct raft_snapshot *snap, uin
     /* 2. The marker, so a replay discards a log the snapshot replaces at the right point. */
     uint64_t have;
     bool keep = term_at(w, s, &have) && have == t;
-    uint8_t m[REC_HDR + 16];
-    if ((rc = seg_write(w, m, rec_two(m, REC_SNAPSHOT, s, t))) != 0 ||
+    uint8_t m[SNAP_REC_SIZE];
+    if ((rc = seg_write(w, m, rec_snapshot(m, s, t, !keep))) != 0 ||
         (rc = gw_wal_sync(w, NULL)) != 0)
         return rc;
     w->snap_index = s;
