@@ -32,6 +32,10 @@
 #define N_CLIENTS 4
 #define CLIENT_TIMEOUT_US (25 * TICK_US) /* a client gives up and moves on */
 #define TICK_US 1000
+/* After healing, a leader must commit a proposal within this much virtual time. It covers the
+ * slowest configuration drawn (one entry per message, one message in flight, 4 ms links)
+ * draining the largest backlog a leader may hold (max_uncommitted_entries). */
+#define LIVENESS_BOUND_US (2000 * TICK_US)
 #define SNAP_LEN 64
 #define MAX_DECODE_ENTRIES 1024
 #define NONE UINT64_MAX
@@ -860,7 +864,8 @@ static void io_done(struct sim *s, int k)
     io_clear(p);
     raft_advance(nd->r, &sc);
     /* 4. a snapshot when asked: write it, then let the core compact */
-    if (want && nd->fsm_index > d->snap.index) {
+    /* (A snapshot received meanwhile may already cover what was applied.) */
+    if (want && nd->fsm_index > d->snap.index && nd->fsm_index > raft_last_snapshot(nd->r)->index) {
         uint8_t buf[SNAP_LEN];
         fsm_snapshot(nd, buf);
         uint64_t t = 0;
@@ -1545,7 +1550,7 @@ int sim_run(const struct sim_opts *o, struct sim_result *res)
             final_check(s);
             break;
         }
-        if (!s->faults_on && s->now - s->heal_time > 400 * TICK_US) {
+        if (!s->faults_on && s->now - s->heal_time > LIVENESS_BOUND_US) {
             int l = find_leader(s);
             fail(s, "liveness: %s %" PRIu64 " ms after faults healed",
                  l < 0 ? "no leader" : !s->live_ok ? "no proposal committed" : "members not caught up",
