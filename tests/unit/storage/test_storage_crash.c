@@ -322,6 +322,22 @@ static void crash_and_check(struct run *r, uint64_t seed, int step)
     r->crashes++;
 }
 
+/* A clean restart of the live log: it must hold exactly the current state and go on from it. */
+static void op_restart(struct run *r, uint64_t seed)
+{
+    gw_wal_close(r->w);
+    struct gw_wal_recovered rec;
+    char err[512];
+    if (gw_wal_open(r->dir, &r->o, &r->w, &rec, err, sizeof(err)) != 0)
+        fail_msg("seed %llu: reopen: %s", (unsigned long long)seed, err);
+    if (!matches(&rec, &model))
+        fail_msg("seed %llu: reopened log differs from what was written", (unsigned long long)seed);
+    if (verbose)
+        printf("restart: %zu entries\n", rec.n_entries);
+    gw_wal_recovered_free(&rec);
+    after_sync(r);
+}
+
 static void one_seed(uint64_t seed, const char *root)
 {
     struct run r;
@@ -355,6 +371,8 @@ static void one_seed(uint64_t seed, const char *root)
             op_snapshot(&r, false, seed);
         else if (x < 88)
             op_snapshot(&r, true, seed);
+        else if (x < 90)
+            op_restart(&r, seed);
         else
             crash_and_check(&r, seed, step);
         if (n_cands >= MAXCAND - 20)
