@@ -386,6 +386,48 @@ static void cluster_status(struct creq *q, struct gw_control *c, const struct gw
   set_json(q, 200, doc);
 }
 
+/* Membership changes and leadership transfer go to the node (and on to the leader). */
+static bool cluster_change(struct creq *q, struct gw_control *c, enum gw_node_op op,
+                           const char *member)
+{
+  if (!c->node || !c->replicated_routes) {
+    gw_control_set_error(q, 409, "not_clustered", "this node runs no Raft cluster (backend raft)",
+                         NULL);
+    return true;
+  }
+  memset(&q->nr, 0, sizeof(q->nr));
+  q->nr.op = op;
+  if (member) {
+    snprintf(q->nr.member.name, sizeof(q->nr.member.name), "%s", member);
+  } else {
+    cJSON *doc = q->body.len ? cJSON_ParseWithLength(q->body.p, q->body.len) : NULL;
+    if (!cJSON_IsObject(doc)) {
+      cJSON_Delete(doc);
+      gw_control_set_error(q, 400, "invalid_json", "the request body must be a JSON object", NULL);
+      return true;
+    }
+    const char *fields[3] = {op == GW_NODE_TRANSFER ? "to" : "id", "raft", "api"};
+    char *dst[3] = {q->nr.member.name, q->nr.member.raft, q->nr.member.api};
+    size_t cap[3] = {sizeof(q->nr.member.name), sizeof(q->nr.member.raft),
+                     sizeof(q->nr.member.api)};
+    int need = op == GW_NODE_ADD_MEMBER ? 3 : 1;
+    for (int i = 0; i < need; i++) {
+      const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, fields[i]);
+      if (!cJSON_IsString(v) || !v->valuestring[0] || strlen(v->valuestring) >= cap[i]) {
+        cJSON_Delete(doc);
+        char msg[128];
+        snprintf(msg, sizeof(msg), "%s must be a non-empty string", fields[i]);
+        gw_control_set_error(q, 400, "invalid_field", msg, fields[i]);
+        return true;
+      }
+      snprintf(dst[i], cap[i], "%s", v->valuestring);
+    }
+    cJSON_Delete(doc);
+  }
+  gw_control_submit(q);
+  return false;
+}
+
 /* ---- dispatch ---- */
 
 bool gw_admin_handle(struct creq *q, const char *path)
@@ -469,6 +511,27 @@ bool gw_admin_handle(struct creq *q, const char *path)
   if (strcmp(path, "/admin/cluster") == 0) {
     if (get)
       cluster_status(q, c, cfg);
+    else
+      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+    goto out;
+  }
+  if (strcmp(path, "/admin/cluster/members") == 0) {
+    if (strcmp(m, "POST") == 0)
+      answered = cluster_change(q, c, GW_NODE_ADD_MEMBER, NULL);
+    else
+      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+    goto out;
+  }
+  if (strncmp(path, "/admin/cluster/members/", 23) == 0 && path[23]) {
+    if (strcmp(m, "DELETE") == 0 && strlen(path + 23) < 64)
+      answered = cluster_change(q, c, GW_NODE_REMOVE_MEMBER, path + 23);
+    else
+      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+    goto out;
+  }
+  if (strcmp(path, "/admin/cluster/transfer") == 0) {
+    if (strcmp(m, "POST") == 0)
+      answered = cluster_change(q, c, GW_NODE_TRANSFER, NULL);
     else
       gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
     goto out;

@@ -939,7 +939,7 @@ static void parse_backend(struct ctx *c, const cJSON *o, struct gw_config *cfg)
 static void parse_cluster(struct ctx *c, const cJSON *o, struct gw_config *cfg)
 {
   static const char *const keys[] = {"raft_listen", "peers", "election_timeout_ms",
-                                     "heartbeat_ms", "snapshot_every", NULL};
+                                     "heartbeat_ms", "snapshot_every", "join", NULL};
   static const char *const peer_keys[] = {"id", "raft", "api", NULL};
   if (!check_object(c, o, "cluster", keys))
     return;
@@ -973,6 +973,7 @@ static void parse_cluster(struct ctx *c, const cJSON *o, struct gw_config *cfg)
   bool et = get_int(c, o, "election_timeout_ms", 10, 60000, false, &cfg->election_timeout_ms);
   bool hb = get_int(c, o, "heartbeat_ms", 1, 10000, false, &cfg->heartbeat_ms);
   get_int(c, o, "snapshot_every", 10, 100000000, false, &cfg->snapshot_every);
+  get_bool(c, o, "join", &cfg->join);
   if (et && hb && cfg->heartbeat_ms * 2 > cfg->election_timeout_ms)
     fail(c, "heartbeat_ms", "must be at most half of election_timeout_ms");
   pop(c, old);

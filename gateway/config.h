@@ -161,6 +161,7 @@ struct gw_config {
   uint64_t election_timeout_ms;
   uint64_t heartbeat_ms;
   uint64_t snapshot_every;
+  bool join; /* cluster.join: a new member waiting to be added through the admin API */
 
   struct gw_route *routes; /* owned; in the file's order */
   size_t route_count;

@@ -132,6 +132,7 @@ static bool forward(struct creq *q, const char *leader_api)
   j->body = q->body.p;
   j->body_len = q->body.len;
   j->idem_key = q->idem[0] ? q->idem : NULL;
+  j->authorization = MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, "Authorization");
   j->forwarded_by = q->c->node_name;
   j->timeout_ms = 20000;
   j->done = on_forwarded;

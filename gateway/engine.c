@@ -238,21 +238,33 @@ static void req_put(struct worker *w, struct req *r)
 
 /* ---- responses ---- */
 
+static ssize_t no_body(void *cls, uint64_t pos, char *buf, size_t max)
+{
+  (void)cls;
+  (void)pos;
+  (void)buf;
+  (void)max;
+  return MHD_CONTENT_READER_END_OF_STREAM;
+}
+
 /* Queue r->resp on the connection, with the headers every answer carries. */
 static enum MHD_Result send_response(struct req *r)
 {
   bool head = strcmp(r->method, "HEAD") == 0;
   struct gw_resp *rs = &r->resp;
-  struct MHD_Response *resp = MHD_create_response_from_buffer(
-      head ? 0 : rs->body.len, rs->body.p ? rs->body.p : (char *)"", MHD_RESPMEM_PERSISTENT);
+  struct MHD_Response *resp;
+  if (head && r->resp_content_length >= 0) {
+    /* HEAD: the upstream's Content-Length, no body. A response of that size whose reader is
+     * never called (libmicrohttpd sends no body for HEAD) gives exactly one such header. */
+    resp = MHD_create_response_from_callback((uint64_t)r->resp_content_length, 4096, no_body,
+                                             NULL, NULL);
+  } else {
+    resp = MHD_create_response_from_buffer(head ? 0 : rs->body.len,
+                                           rs->body.p ? rs->body.p : (char *)"",
+                                           MHD_RESPMEM_PERSISTENT);
+  }
   if (!resp)
     return MHD_NO;
-  if (head && r->resp_content_length >= 0) {
-    char cl[32];
-    snprintf(cl, sizeof(cl), "%ld", r->resp_content_length);
-    MHD_set_response_options(resp, MHD_RF_INSANITY_HEADER_CONTENT_LENGTH, MHD_RO_END);
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_LENGTH, cl);
-  }
   const char *p = rs->headers.p;
   for (size_t i = 0; i < rs->header_count; i++) {
     const char *name = p;

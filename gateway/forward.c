@@ -60,6 +60,10 @@ static void start_job(struct gw_forwarder *f, struct gw_forward_job *j)
     snprintf(line, sizeof(line), "Idempotency-Key: %s", j->idem_key);
     h = curl_slist_append(h, line);
   }
+  if (j->authorization) {
+    snprintf(line, sizeof(line), "Authorization: %s", j->authorization);
+    h = curl_slist_append(h, line);
+  }
   snprintf(line, sizeof(line), "Gateway-Forwarded-By: %s", j->forwarded_by ? j->forwarded_by : "");
   h = curl_slist_append(h, line);
   snprintf(line, sizeof(line), "Content-Type: %s",

@@ -18,6 +18,7 @@ struct gw_forward_job {
   const char *body; /* may be NULL */
   size_t body_len;
   const char *idem_key; /* Idempotency-Key to pass on, or NULL */
+  const char *authorization; /* Authorization to pass on (admin calls), or NULL */
   const char *content_type;
   const char *forwarded_by; /* this node's name, sent as Gateway-Forwarded-By */
   long timeout_ms;

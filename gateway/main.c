@@ -94,7 +94,9 @@ static void node_config(const struct gw_config *cfg, struct gw_node_config *n, c
     snprintf(n->data_dir, sizeof(n->data_dir), "%s", tmp_dir);
     n->sync = false;
   }
-  bool clustered = cfg->backend == GW_BACKEND_RAFT && cfg->has_cluster && cfg->peer_count > 1;
+  bool clustered = cfg->backend == GW_BACKEND_RAFT && cfg->has_cluster &&
+                   (cfg->peer_count > 1 || cfg->join);
+  n->join = clustered && cfg->join;
   if (clustered) {
     memcpy(&n->raft_listen, &cfg->raft_listen.ss, cfg->raft_listen.len);
     n->raft_listen_len = cfg->raft_listen.len;

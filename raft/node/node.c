@@ -36,7 +36,25 @@ enum req_state {
   RS_LOCK_WAIT,   /* queued behind a lock holder: waiting for a wakeup */
   RS_READ_SENT,   /* ReadIndex asked, waiting for its index */
   RS_READ_READY,  /* index known, waiting for apply to reach it */
+  RS_MEMBER,      /* a membership operation in progress (see member_step) */
 };
+
+/* Steps of a membership operation. */
+enum member_step {
+  MS_START = 0,
+  MS_ADDR_PROPOSED, /* the member's address entry is on its way (index_) */
+  MS_LEARNER,       /* added as a learner: promote once caught up */
+  MS_PROMOTED,      /* promotion proposed: wait until it is a voter */
+  MS_REMOVING,      /* removal proposed: wait until it is gone */
+  MS_TRANSFERRING,  /* wait until the target leads */
+};
+
+/* A node-level log entry carrying a member's addresses (not a state machine command: the first
+ * byte differs from every command version). Payload: MEMBER_MAGIC, then "name\0raft\0api\0". */
+#define MEMBER_MAGIC 0xA5
+/* The snapshot image: "GWNS", u32 member count, then per member name\0raft\0api\0, then the
+ * state machine's own image. */
+#define SNAP_MAGIC "GWNS"
 
 #define DUTY_INTERVAL_MS 50
 #define DISK_RETRY_MS 200
@@ -67,7 +85,9 @@ struct gw_node {
   struct gw_node_req *proposed;
   struct gw_node_req *lock_waits;
   struct gw_node_req *reads;
+  struct gw_node_req *member_ops; /* RS_MEMBER */
   uint64_t read_seq;
+  struct raft_membership known_members; /* last membership the transport was set up for */
 
   /* Leadership. */
   bool was_leader;
@@ -135,6 +155,97 @@ static uint64_t mono_ms(void)
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
+
+/* ---- members ---- */
+
+static bool parse_hostport(const char *text, struct sockaddr_storage *ss, socklen_t *len)
+{
+  char host[128];
+  const char *colon = strrchr(text, ':');
+  if (!colon || colon == text || (size_t)(colon - text) >= sizeof(host))
+    return false;
+  size_t hl = (size_t)(colon - text);
+  memcpy(host, text, hl);
+  host[hl] = '\0';
+  char *h = host;
+  if (h[0] == '[' && hl > 2 && h[hl - 1] == ']') {
+    h[hl - 1] = '\0';
+    h++;
+  }
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || port <= 0 || port > 65535)
+    return false;
+  memset(ss, 0, sizeof(*ss));
+  struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+  if (inet_pton(AF_INET, h, &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    *len = sizeof(*a4);
+    return true;
+  }
+  if (inet_pton(AF_INET6, h, &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    *len = sizeof(*a6);
+    return true;
+  }
+  return false;
+}
+
+static struct gw_node_peer *find_peer(struct gw_node *n, uint64_t id)
+{
+  for (size_t i = 0; i < n->cfg.peer_count; i++)
+    if (n->cfg.peers[i].id == id)
+      return &n->cfg.peers[i];
+  return NULL;
+}
+
+/* Add or update a member's addresses (applied from the log or a snapshot). */
+static void upsert_peer(struct gw_node *n, const char *name, const char *raft, const char *api)
+{
+  uint64_t id = gw_node_id_from_name(name);
+  struct gw_node_peer *p = find_peer(n, id);
+  if (!p) {
+    if (n->cfg.peer_count >= GW_NODE_MAX_PEERS)
+      return;
+    p = &n->cfg.peers[n->cfg.peer_count++];
+    memset(p, 0, sizeof(*p));
+  }
+  p->id = id;
+  snprintf(p->name, sizeof(p->name), "%s", name);
+  snprintf(p->api, sizeof(p->api), "%s", api);
+  struct sockaddr_storage ss;
+  socklen_t len;
+  if (parse_hostport(raft, &ss, &len)) {
+    p->raft = ss;
+    p->raft_len = len;
+    if (n->tp && id != n->self)
+      gw_transport_set_peer(n->tp, id, &p->raft, p->raft_len);
+  }
+}
+
+/* Keep the transport's peers in step with the membership (members may come and go). */
+static void reconcile_transport(struct gw_node *n)
+{
+  const struct raft_membership *mb = raft_membership(n->raft);
+  if (!mb || !n->tp || memcmp(mb, &n->known_members, sizeof(*mb)) == 0)
+    return;
+  for (uint32_t i = 0; i < n->known_members.n; i++) {
+    uint64_t id = n->known_members.members[i].id;
+    if (id != n->self && !raft_membership_find(mb, id))
+      gw_transport_remove_peer(n->tp, id);
+  }
+  for (uint32_t i = 0; i < mb->n; i++) {
+    struct gw_node_peer *p = find_peer(n, mb->members[i].id);
+    if (p && p->id != n->self && p->raft_len)
+      gw_transport_set_peer(n->tp, p->id, &p->raft, p->raft_len);
+  }
+  n->known_members = *mb;
+}
+
+static int restore_snapshot(struct gw_node *n, const uint8_t *buf, size_t len);
 
 /* ---- answering ---- */
 
@@ -290,6 +401,13 @@ static void dispatch(struct gw_node *n, struct gw_node_req *r, uint64_t now)
     list_push(&n->waiting, r);
     return;
   }
+  if (r->op == GW_NODE_ADD_MEMBER || r->op == GW_NODE_REMOVE_MEMBER || r->op == GW_NODE_TRANSFER) {
+    r->state_ = RS_MEMBER;
+    r->index_ = MS_START; /* the step, for member ops */
+    r->deadline_ms_ = now + (r->op == GW_NODE_ADD_MEMBER ? 60000 : 10000);
+    list_push(&n->member_ops, r);
+    return;
+  }
   if (r->op == GW_NODE_WRITE) {
     r->cmd.now_ms = fsm_now(n);
     uint64_t index = 0;
@@ -388,6 +506,192 @@ static void retry_waiting(struct gw_node *n, uint64_t now)
       continue;
     }
     p = &r->next_;
+  }
+}
+
+/* ---- membership operations (leader) ---- */
+
+static void answer_json(struct gw_node *n, struct gw_node_req *r, int status, const char *fmt,
+                        const char *a, const char *b)
+{
+  char body[512];
+  int len = snprintf(body, sizeof(body), fmt, a, b);
+  answer(n, r, GW_NODE_OK, status, body, len > 0 ? (size_t)len : 0);
+}
+
+static bool is_voter(const struct raft_membership *mb, uint64_t id)
+{
+  const struct raft_member *m = raft_membership_find(mb, id);
+  return m && m->role == RAFT_VOTER;
+}
+
+/* Propose the node-level entry carrying a member's addresses. */
+static int propose_member_addr(struct gw_node *n, const struct gw_node_req *r, uint64_t *index)
+{
+  uint8_t buf[1 + 64 + 128 + 128];
+  size_t o = 0;
+  buf[o++] = MEMBER_MAGIC;
+  const char *f[3] = {r->member.name, r->member.raft, r->member.api};
+  for (int i = 0; i < 3; i++) {
+    size_t l = strnlen(f[i], 127);
+    memcpy(buf + o, f[i], l);
+    o += l;
+    buf[o++] = '\0';
+  }
+  return raft_propose(n->raft, buf, (uint32_t)o, index);
+}
+
+/* Advance one membership operation; true when it is finished (answered). */
+static bool member_step(struct gw_node *n, struct gw_node_req *r, uint64_t now)
+{
+  struct raft_status rs;
+  raft_status(n->raft, &rs);
+  const struct raft_membership *mb = raft_membership(n->raft);
+  uint64_t id = gw_node_id_from_name(r->member.name);
+  if (r->index_ != MS_TRANSFERRING && rs.role != RAFT_LEADER) {
+    /* Leadership moved: the new leader (reached through the HTTP layer) carries on. */
+    r->deadline_ms_ = 0;
+    dispatch(n, r, now);
+    return true;
+  }
+  if (now >= r->deadline_ms_) {
+    answer(n, r, GW_NODE_UNKNOWN, 0, NULL, 0);
+    return true;
+  }
+  int rc;
+  uint64_t index;
+  switch (r->op) {
+  case GW_NODE_ADD_MEMBER:
+    switch (r->index_) {
+    case MS_START: {
+      struct sockaddr_storage ss;
+      socklen_t len;
+      if (!parse_hostport(r->member.raft, &ss, &len)) {
+        answer_json(n, r, 400, "{\"error\":{\"code\":\"invalid_field\",\"message\":\"raft must be "
+                               "host:port\",\"field\":\"raft\"}}%s%s", "", "");
+        return true;
+      }
+      if (is_voter(mb, id)) {
+        answer_json(n, r, 200, "{\"id\":\"%s\",\"role\":\"voter\"%s}", r->member.name, "");
+        return true;
+      }
+      if (propose_member_addr(n, r, &index) != 0)
+        return false; /* busy: try again next turn */
+      r->term_ = index;
+      r->index_ = MS_ADDR_PROPOSED;
+      return false;
+    }
+    case MS_ADDR_PROPOSED:
+      if (n->applied < r->term_)
+        return false;
+      rc = raft_membership_find(mb, id) ? 0 : raft_change_membership(n->raft, RAFT_ADD_LEARNER, id, &index);
+      if (rc == RAFT_ERR_CONFIG_PENDING)
+        return false;
+      if (rc != 0) {
+        answer(n, r, GW_NODE_BUSY, 0, NULL, 0);
+        return true;
+      }
+      r->index_ = MS_LEARNER;
+      return false;
+    case MS_LEARNER:
+      rc = raft_change_membership(n->raft, RAFT_PROMOTE, id, &index);
+      if (rc == 0)
+        r->index_ = MS_PROMOTED;
+      return false; /* not caught up or a change pending: again next turn */
+    case MS_PROMOTED:
+      if (!is_voter(mb, id) || rs.commit < rs.last_index)
+        return false;
+      answer_json(n, r, 200, "{\"id\":\"%s\",\"role\":\"voter\"%s}", r->member.name, "");
+      return true;
+    }
+    return false;
+  case GW_NODE_REMOVE_MEMBER:
+    if (r->index_ == MS_START) {
+      if (!raft_membership_find(mb, id)) {
+        answer_json(n, r, 404, "{\"error\":{\"code\":\"member_not_found\",\"message\":\"no "
+                               "member %s\"}}%s", r->member.name, "");
+        return true;
+      }
+      if (id == n->self) {
+        /* The leader hands over first (thesis section 3.10); the next leader removes it. */
+        uint64_t best = 0, best_match = 0;
+        for (unsigned i = 0; i < mb->n; i++) {
+          struct raft_progress_info pi;
+          if (mb->members[i].id != n->self && mb->members[i].role == RAFT_VOTER &&
+              raft_progress(n->raft, i, &pi) && (best == 0 || pi.match > best_match)) {
+            best = mb->members[i].id;
+            best_match = pi.match;
+          }
+        }
+        if (!best) {
+          answer_json(n, r, 409, "{\"error\":{\"code\":\"last_voter\",\"message\":\"the last "
+                                 "voter cannot be removed\"}}%s%s", "", "");
+          return true;
+        }
+        raft_transfer_leadership(n->raft, best);
+        r->index_ = MS_TRANSFERRING;
+        return false;
+      }
+      rc = raft_change_membership(n->raft, RAFT_REMOVE, id, &index);
+      if (rc == RAFT_ERR_CONFIG_PENDING)
+        return false;
+      if (rc != 0) {
+        answer(n, r, GW_NODE_BUSY, 0, NULL, 0);
+        return true;
+      }
+      r->index_ = MS_REMOVING;
+      return false;
+    }
+    if (r->index_ == MS_TRANSFERRING) {
+      if (rs.role == RAFT_LEADER)
+        return false;
+      r->deadline_ms_ = 0;
+      dispatch(n, r, now); /* no longer leader: forwarded to the new one */
+      return true;
+    }
+    if (raft_membership_find(mb, id) || rs.commit < rs.last_index)
+      return false;
+    answer(n, r, GW_NODE_OK, 204, NULL, 0);
+    return true;
+  case GW_NODE_TRANSFER:
+    if (r->index_ == MS_START) {
+      if (!is_voter(mb, id)) {
+        answer_json(n, r, 404, "{\"error\":{\"code\":\"member_not_found\",\"message\":\"no "
+                               "voting member %s\"}}%s", r->member.name, "");
+        return true;
+      }
+      if (id == n->self) {
+        answer_json(n, r, 200, "{\"leader\":\"%s\"%s}", r->member.name, "");
+        return true;
+      }
+      if (raft_transfer_leadership(n->raft, id) != 0) {
+        answer(n, r, GW_NODE_BUSY, 0, NULL, 0);
+        return true;
+      }
+      r->index_ = MS_TRANSFERRING;
+      return false;
+    }
+    if (rs.leader == id) {
+      answer_json(n, r, 200, "{\"leader\":\"%s\"%s}", r->member.name, "");
+      return true;
+    }
+    return false;
+  default:
+    answer(n, r, GW_NODE_BUSY, 0, NULL, 0);
+    return true;
+  }
+}
+
+static void run_member_ops(struct gw_node *n, uint64_t now)
+{
+  struct gw_node_req *list = n->member_ops;
+  n->member_ops = NULL;
+  while (list) {
+    struct gw_node_req *r = list;
+    list = r->next_;
+    r->next_ = NULL;
+    if (!member_step(n, r, now))
+      list_push(&n->member_ops, r);
   }
 }
 
@@ -529,6 +833,24 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
       answer(n, mine, GW_NODE_UNKNOWN, 0, NULL, 0);
     return;
   }
+  if (e->len > 1 && e->data[0] == MEMBER_MAGIC) {
+    /* name\0raft\0api\0 */
+    const char *f[3] = {NULL, NULL, NULL};
+    size_t k = 0, at = 1;
+    while (k < 3 && at < e->len) {
+      const char *start = (const char *)e->data + at;
+      const void *z = memchr(start, '\0', e->len - at);
+      if (!z)
+        break;
+      f[k++] = start;
+      at += (size_t)((const char *)z - start) + 1;
+    }
+    if (k == 3)
+      upsert_peer(n, f[0], f[1], f[2]);
+    if (mine)
+      answer(n, mine, GW_NODE_UNKNOWN, 0, NULL, 0);
+    return;
+  }
   if (gw_fsm_apply(n->fsm, e->index, e->data, e->len, &n->res) == GW_FSM_ERR_NOMEM) {
     /* The machine may be half-applied: going on would let this replica diverge. A restart
      * rebuilds it from the snapshot and the log. */
@@ -610,7 +932,7 @@ static int persist(struct gw_node *n, const struct raft_update *u)
 static void apply_update(struct gw_node *n, const struct raft_update *u)
 {
   if (u->snapshot) {
-    if (gw_fsm_restore(n->fsm, u->snapshot->data, u->snapshot->len) != 0)
+    if (restore_snapshot(n, u->snapshot->data, u->snapshot->len) != 0)
       fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: a snapshot from the leader does not "
                       "restore\"}\n");
     if (u->snapshot->index > n->applied)
@@ -637,12 +959,83 @@ static void apply_update(struct gw_node *n, const struct raft_update *u)
       }
 }
 
+/* The snapshot image: the member address table, then the state machine's image. */
+static uint8_t *wrap_snapshot(struct gw_node *n, const uint8_t *img, size_t len, size_t *out_len)
+{
+  size_t need = 8 + len;
+  for (size_t i = 0; i < n->cfg.peer_count; i++)
+    need += strlen(n->cfg.peers[i].name) + 130 + strlen(n->cfg.peers[i].api) + 1;
+  uint8_t *buf = malloc(need);
+  if (!buf)
+    return NULL;
+  size_t o = 0;
+  memcpy(buf, SNAP_MAGIC, 4);
+  o = 8;
+  uint32_t count = 0;
+  for (size_t i = 0; i < n->cfg.peer_count; i++) {
+    const struct gw_node_peer *p = &n->cfg.peers[i];
+    char raft[128] = "";
+    char host[INET6_ADDRSTRLEN] = "";
+    if (p->raft.ss_family == AF_INET) {
+      const struct sockaddr_in *a = (const struct sockaddr_in *)&p->raft;
+      inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+      snprintf(raft, sizeof(raft), "%s:%u", host, ntohs(a->sin_port));
+    } else if (p->raft.ss_family == AF_INET6) {
+      const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&p->raft;
+      inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+      snprintf(raft, sizeof(raft), "[%s]:%u", host, ntohs(a->sin6_port));
+    }
+    const char *f[3] = {p->name, raft, p->api};
+    for (int k = 0; k < 3; k++) {
+      size_t l = strlen(f[k]);
+      memcpy(buf + o, f[k], l + 1);
+      o += l + 1;
+    }
+    count++;
+  }
+  memcpy(buf + 4, &count, 4);
+  memcpy(buf + o, img, len);
+  *out_len = o + len;
+  return buf;
+}
+
+/* Restore both parts of a snapshot image; an image without the member table is the state
+ * machine's alone. 0 or -1. */
+static int restore_snapshot(struct gw_node *n, const uint8_t *buf, size_t len)
+{
+  size_t o = 0;
+  if (len >= 8 && memcmp(buf, SNAP_MAGIC, 4) == 0) {
+    uint32_t count;
+    memcpy(&count, buf + 4, 4);
+    o = 8;
+    for (uint32_t i = 0; i < count; i++) {
+      const char *f[3];
+      for (int k = 0; k < 3; k++) {
+        const void *z = o < len ? memchr(buf + o, '\0', len - o) : NULL;
+        if (!z)
+          return -1;
+        f[k] = (const char *)buf + o;
+        o = (size_t)((const uint8_t *)z - buf) + 1;
+      }
+      if (f[0][0] && strlen(f[0]) < 64 && strlen(f[1]) < 128 && strlen(f[2]) < 128)
+        upsert_peer(n, f[0], f[1], f[2]);
+    }
+  }
+  return gw_fsm_restore(n->fsm, buf + o, len - o) == 0 ? 0 : -1;
+}
+
 static void take_snapshot(struct gw_node *n)
 {
-  uint8_t *img = NULL;
-  size_t len = 0;
+  uint8_t *fimg = NULL, *img = NULL;
+  size_t flen = 0, len = 0;
   uint64_t at = gw_fsm_applied_index(n->fsm);
-  if (gw_fsm_snapshot(n->fsm, &img, &len) != 0)
+  if (n->applied > at)
+    at = n->applied;
+  if (gw_fsm_snapshot(n->fsm, &fimg, &flen) != 0)
+    return;
+  img = wrap_snapshot(n, fimg, flen, &len);
+  free(fimg);
+  if (!img)
     return;
   if (raft_snapshot_saved(n->raft, at, img, len) == 0) {
     const struct raft_snapshot *s = raft_last_snapshot(n->raft);
@@ -878,11 +1271,13 @@ static void *node_main(void *arg)
     drain_updates(n, now);
     watch_leadership(n, now);
     retry_waiting(n, now);
+    run_member_ops(n, now);
     leader_duties(n, now);
     drain_updates(n, now);
     watch_leadership(n, now);
     if (n->tp)
       gw_transport_run(n->tp, mono_ms()); /* send what the updates queued */
+    reconcile_transport(n);
     publish_status(n);
   }
   /* Answer everything still waiting. */
@@ -891,6 +1286,7 @@ static void *node_main(void *arg)
   answer_all(n, &n->proposed, GW_NODE_STOPPING);
   answer_all(n, &n->reads, GW_NODE_STOPPING);
   answer_all(n, &n->lock_waits, GW_NODE_STOPPING);
+  answer_all(n, &n->member_ops, GW_NODE_STOPPING);
   return NULL;
 }
 
@@ -992,7 +1388,7 @@ int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *
     node_free(n);
     return -1;
   }
-  if (rec.has_snapshot && gw_fsm_restore(n->fsm, rec.snapshot.data, rec.snapshot.len) != 0) {
+  if (rec.has_snapshot && restore_snapshot(n, rec.snapshot.data, rec.snapshot.len) != 0) {
     snprintf(errbuf, errlen, "the snapshot in %s does not restore", cfg->data_dir);
     gw_wal_recovered_free(&rec);
     node_free(n);
@@ -1017,11 +1413,13 @@ int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *
     boot.members[boot.n].role = RAFT_VOTER;
     boot.n++;
   }
-  if (boot.n == 0) {
+  if (boot.n == 0 && !cfg->join) {
     boot.members[0].id = n->self;
     boot.members[0].role = RAFT_VOTER;
     boot.n = 1;
   }
+  if (cfg->join)
+    boot.n = 0; /* the cluster adds this node; its log brings the membership */
   struct raft_restore restore;
   gw_wal_recovered_restore(&rec, &restore);
   restore.bootstrap = &boot;

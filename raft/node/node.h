@@ -55,6 +55,7 @@ struct gw_node_config {
   uint64_t heartbeat_ms;
   uint64_t snapshot_every; /* entries applied between snapshots */
   uint64_t cluster_id;
+  bool join; /* a new member: start with no membership and wait to be added by the cluster */
 
   /* The replicated route table. on_routes runs on the node thread whenever the state machine's
    * route table changed (an applied put or delete, a restored snapshot, and once at start when
@@ -78,6 +79,10 @@ enum gw_node_op {
   GW_NODE_READ_COUNTER, /* name */
   GW_NODE_READ_ROUTE,   /* name */
   GW_NODE_READ_ROUTES,  /* the whole route table as {"version":v,"routes":[...]} */
+  GW_NODE_ADD_MEMBER,    /* member: its address is replicated, it joins as a learner, catches
+                            up, then is promoted to voter (thesis section 4.2.1) */
+  GW_NODE_REMOVE_MEMBER, /* member.name (the leader hands leadership over first) */
+  GW_NODE_TRANSFER,      /* member.name: leadership transfer (thesis section 3.10) */
 };
 
 enum gw_node_outcome {
@@ -98,6 +103,11 @@ struct gw_node_req {
   uint64_t id;           /* reads of a lease */
   const char *name;      /* reads of a lock, counter or route */
   size_t name_len;
+  struct {
+    char name[64];
+    char raft[128]; /* "host:port" */
+    char api[128];
+  } member; /* the membership operations */
   bool stale; /* ?consistency=stale: answer from this node's state without a ReadIndex */
   uint64_t avoid_leader; /* a leader found unreachable: wait for another (0: none) */
   void (*done)(struct gw_node_req *req);
