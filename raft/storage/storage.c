@@ -1630,9 +1630,15 @@ int gw_wal_save_snapshot(struct gw_wal *w, const struct raft_snapshot *snap, uin
     uint64_t have;
     bool keep = term_at(w, s, &have) && have == t;
     uint8_t m[SNAP_REC_SIZE];
-    if ((rc = seg_write(w, m, rec_snapshot(m, s, t, !keep))) != 0 ||
-        (rc = gw_wal_sync(w, NULL)) != 0)
+    if ((rc = seg_write(w, m, rec_snapshot(m, s, t, !keep))) != 0) {
+        /* the record is not in the log: take the file back, so that the previous snapshot
+         * stays the one in use, on disk as in memory (best effort: either way recovery copes) */
+        unlinkat(w->dirfd, name, 0);
+        fsync_dir(w);
         return rc;
+    }
+    if ((rc = gw_wal_sync(w, NULL)) != 0)
+        return rc; /* the log is broken; a reopen reads whichever of the two states is on disk */
     w->snap_index = s;
     w->snap_term = t;
     if (!keep)

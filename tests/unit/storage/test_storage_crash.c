@@ -2,7 +2,9 @@
  * test_storage_crash.c - crash states checked against a model. A seeded random workload appends
  * batches (some overwriting a suffix under a new term), records hard states, syncs, saves
  * snapshots (some consistent with the log, some from a "leader" that disagrees with it) and
- * starts segments. At random points the data directory is copied as a crash would leave it:
+ * starts segments; for a third of the seeds, writes fail now and then (ENOSPC or EIO, some after
+ * a short write), which must change nothing. At random points the data directory is copied as a
+ * crash would leave it:
  * everything written reached the disk, or the tail written since the last sync was torn at a
  * random byte. Recovering the copy must succeed and give exactly one of the states the model
  * went through since the last sync (record by record): nothing synced lost, nothing
@@ -16,6 +18,7 @@
 #include <cmocka.h>
 
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +43,7 @@ static struct mstate cands[MAXCAND];
 static int n_cands;
 static uint64_t rng;
 static bool verbose; /* GW_STORAGE_CRASH_VERBOSE: print every operation */
-static int total_crashes, total_torn;
+static int total_crashes, total_torn, total_failed;
 
 static uint64_t rnd(void)
 {
@@ -69,6 +72,24 @@ static uint32_t payload_len(uint64_t index, uint64_t term)
 static uint8_t payload_byte(uint64_t index, uint64_t term, uint32_t j)
 {
     return (uint8_t)(index * 131 + term * 17 + j);
+}
+
+/* ---- Write failures: the log's pwrite goes through here (linked with --wrap=pwrite) -------- */
+
+static unsigned fail_permille; /* chance that a pwrite fails, after a short write or not */
+
+ssize_t __real_pwrite(int fd, const void *buf, size_t n, off_t off);
+ssize_t __wrap_pwrite(int fd, const void *buf, size_t n, off_t off);
+
+ssize_t __wrap_pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+    if (fail_permille && below(1000) < fail_permille) {
+        if (n > 1 && below(2) == 0)
+            return __real_pwrite(fd, buf, 1 + below(n - 1), off); /* short; the rest fails */
+        errno = below(2) ? ENOSPC : EIO;
+        return -1;
+    }
+    return __real_pwrite(fd, buf, n, off);
 }
 
 /* ---- Files ------------------------------------------------------------------------------- */
@@ -217,6 +238,12 @@ static void op_append(struct run *r, uint64_t seed)
                (unsigned long long)(i0 + n - 1), (unsigned long long)r->cur_term,
                (unsigned long long)model.last);
     int rc = gw_wal_append(r->w, e, n);
+    if (rc == GW_WAL_ERR_DISK_FULL || rc == GW_WAL_ERR_IO) {
+        if (verbose)
+            printf("  failed: %s\n", gw_wal_errmsg(r->w));
+        total_failed++;
+        return; /* injected: nothing changed */
+    }
     if (rc != 0)
         fail_msg("seed %llu: append: %s", (unsigned long long)seed, gw_wal_errmsg(r->w));
     if (i0 <= model.last) {
@@ -234,7 +261,12 @@ static void op_hard_state(struct run *r)
 {
     struct raft_hard_state hs = {.term = r->cur_term, .vote = r->cur_term % 3 + 1,
                                  .commit = below(model.last + 1)};
-    assert_int_equal(gw_wal_set_hard_state(r->w, &hs), 0);
+    int rc = gw_wal_set_hard_state(r->w, &hs);
+    if (rc == GW_WAL_ERR_DISK_FULL || rc == GW_WAL_ERR_IO) {
+        total_failed++;
+        return;
+    }
+    assert_int_equal(rc, 0);
     model.hs = hs;
     remember();
 }
@@ -271,6 +303,14 @@ static void op_snapshot(struct run *r, bool from_leader, uint64_t seed)
                (unsigned long long)s.term, (unsigned long long)trailing,
                from_leader ? " from the leader" : "");
     int rc = gw_wal_save_snapshot(r->w, &s, trailing);
+    if (rc == GW_WAL_ERR_DISK_FULL || rc == GW_WAL_ERR_IO) {
+        if (verbose)
+            printf("  failed: %s\n", gw_wal_errmsg(r->w));
+        if (from_leader)
+            r->cur_term--;
+        total_failed++;
+        return;
+    }
     if (rc != 0)
         fail_msg("seed %llu: snapshot: %s", (unsigned long long)seed, gw_wal_errmsg(r->w));
     model.snap_index = s.index;
@@ -304,7 +344,10 @@ static void crash_and_check(struct run *r, uint64_t seed, int step)
     struct gw_wal *w;
     struct gw_wal_recovered rec;
     char err[512];
+    unsigned saved = fail_permille;
+    fail_permille = 0; /* recovery of the copy may write (a cut tail, a marker) */
     int rc = gw_wal_open(r->crash, &r->o, &w, &rec, err, sizeof(err));
+    fail_permille = saved;
     if (rc != 0)
         fail_msg("seed %llu step %d: recovery refused a crash state: %s", (unsigned long long)seed,
                  step, err);
@@ -328,7 +371,11 @@ static void op_restart(struct run *r, uint64_t seed)
     gw_wal_close(r->w);
     struct gw_wal_recovered rec;
     char err[512];
-    if (gw_wal_open(r->dir, &r->o, &r->w, &rec, err, sizeof(err)) != 0)
+    unsigned saved = fail_permille;
+    fail_permille = 0;
+    int rc = gw_wal_open(r->dir, &r->o, &r->w, &rec, err, sizeof(err));
+    fail_permille = saved;
+    if (rc != 0)
         fail_msg("seed %llu: reopen: %s", (unsigned long long)seed, err);
     if (!matches(&rec, &model))
         fail_msg("seed %llu: reopened log differs from what was written", (unsigned long long)seed);
@@ -350,10 +397,13 @@ static void one_seed(uint64_t seed, const char *root)
     r.o.sync = false; /* a copy of the directory is the crash: what a sync would flush is there */
     r.o.preallocate = below(2) == 0;
     r.o.segment_bytes = 4096 + below(4) * 4096;
+    fail_permille = 0;
+    unsigned faults = below(3) == 0 ? 30 : 0; /* a third of the seeds see write failures */
     struct gw_wal_recovered rec;
     char err[512];
     assert_int_equal(gw_wal_open(r.dir, &r.o, &r.w, &rec, err, sizeof(err)), 0);
     gw_wal_recovered_free(&rec);
+    fail_permille = faults;
     memset(&model, 0, sizeof(model));
     model.first = 1;
     r.cur_term = 1;
@@ -378,6 +428,7 @@ static void one_seed(uint64_t seed, const char *root)
         if (n_cands >= MAXCAND - 20)
             op_sync(&r);
     }
+    fail_permille = 0;
     gw_wal_close(r.w);
     rm_flat(r.dir);
     rm_flat(r.crash);
@@ -400,9 +451,10 @@ static void every_crash_state_recovers_to_a_state_the_log_went_through(void **st
     for (uint64_t seed = start; seed <= seeds; seed++)
         one_seed(seed, root);
     rmdir(root);
-    printf("%d crash states recovered and matched, %d of them with a torn tail\n", total_crashes,
-           total_torn);
-    assert_true(total_torn > 0 && total_crashes > total_torn);
+    printf("%d crash states recovered and matched, %d of them with a torn tail; %d writes failed "
+           "on purpose\n",
+           total_crashes, total_torn, total_failed);
+    assert_true(total_torn > 0 && total_crashes > total_torn && total_failed > 0);
 }
 
 int main(void)
