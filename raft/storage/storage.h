@@ -145,7 +145,8 @@ int gw_wal_sync(struct gw_wal *w, uint64_t *fsync_ns);
  * snap->index + 1. Then whole segments holding only entries before the kept ones, and older
  * snapshot files, are deleted. A snapshot at the current snapshot index is a no-op.
  * Errors: _INVALID (index 0 or older than the current snapshot), _TOO_BIG, _DISK_FULL, _IO,
- * _NOMEM, _BROKEN. A failure before the rename leaves the previous snapshot in use. */
+ * _NOMEM, _BROKEN. A failure other than _BROKEN leaves the previous snapshot in use (the new
+ * file is removed again if its log record could not be written). */
 int gw_wal_save_snapshot(struct gw_wal *w, const struct raft_snapshot *snap, uint64_t trailing);
 
 struct gw_wal_stats {
