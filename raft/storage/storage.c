@@ -717,6 +717,7 @@ void gw_wal_options_default(struct gw_wal_options *o)
 static bool options_valid(const struct gw_wal_options *o)
 {
     return o->segment_bytes >= GW_WAL_MIN_SEGMENT_BYTES &&
+           o->segment_bytes <= GW_WAL_MAX_SEGMENT_BYTES &&
            o->max_entry_bytes <= GW_WAL_MAX_ENTRY_BYTES &&
            o->max_batch_bytes >= (uint64_t)o->max_entry_bytes + 64 &&
            o->max_snapshot_bytes <= GW_WAL_MAX_SNAPSHOT_BYTES;

@@ -52,12 +52,14 @@ const char *gw_wal_errname(int err);
 
 #define GW_WAL_FORMAT_VERSION 1
 #define GW_WAL_MIN_SEGMENT_BYTES 4096u
+#define GW_WAL_MAX_SEGMENT_BYTES (4ull << 30)
 #define GW_WAL_MAX_ENTRY_BYTES (1u << 30)       /* hard cap on max_entry_bytes */
 #define GW_WAL_MAX_SNAPSHOT_BYTES (1ull << 36) /* hard cap on max_snapshot_bytes */
 
 struct gw_wal_options {
     uint64_t segment_bytes;      /* a new segment starts when the next batch would pass this;
-                                    default 64 MiB, at least GW_WAL_MIN_SEGMENT_BYTES */
+                                    default 64 MiB, GW_WAL_MIN_SEGMENT_BYTES to
+                                    GW_WAL_MAX_SEGMENT_BYTES */
     uint32_t max_entry_bytes;    /* largest entry payload; default 16 MiB */
     size_t max_batch_bytes;      /* encoded bytes in one gw_wal_append (the write buffer is
                                     at most this big); default 64 MiB, >= max_entry_bytes + 64 */

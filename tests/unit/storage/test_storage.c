@@ -239,6 +239,38 @@ static void only_segment(const char *dir, char *path, size_t cap)
 
 /* ---- Round trips ------------------------------------------------------------------------- */
 
+static void invalid_options_and_arguments_are_refused(void **state)
+{
+    struct fx *f = *state;
+    struct gw_wal *w = NULL;
+    struct gw_wal_recovered rec;
+    char err[256];
+    struct gw_wal_options o = opts(GW_WAL_MIN_SEGMENT_BYTES - 1, false);
+    assert_int_equal(gw_wal_open(f->dir, &o, &w, &rec, err, sizeof(err)), GW_WAL_ERR_INVALID);
+    assert_non_null(strstr(err, "invalid"));
+    o = opts(GW_WAL_MAX_SEGMENT_BYTES + 1, false);
+    assert_int_equal(gw_wal_open(f->dir, &o, &w, &rec, err, sizeof(err)), GW_WAL_ERR_INVALID);
+    o = opts(1 << 20, false);
+    o.max_batch_bytes = o.max_entry_bytes; /* no room for one entry's record */
+    assert_int_equal(gw_wal_open(f->dir, &o, &w, &rec, err, sizeof(err)), GW_WAL_ERR_INVALID);
+    assert_int_equal(gw_wal_open("", NULL, &w, &rec, err, sizeof(err)), GW_WAL_ERR_INVALID);
+    assert_int_equal(gw_wal_open(f->dir, NULL, NULL, &rec, err, sizeof(err)), GW_WAL_ERR_INVALID);
+    assert_null(w);
+    /* a path that is a file, not a directory */
+    char file[512];
+    snprintf(file, sizeof(file), "%.191s/plain", f->root);
+    spit(file, (const uint8_t *)"x", 1);
+    assert_int_equal(gw_wal_open(file, NULL, &w, &rec, err, sizeof(err)), GW_WAL_ERR_IO);
+    assert_non_null(strstr(err, "Not a directory"));
+    unlink(file);
+    /* the names of the codes */
+    assert_string_equal(gw_wal_errname(GW_WAL_ERR_CORRUPT), "corrupt");
+    assert_string_equal(gw_wal_errname(GW_WAL_ERR_DISK_FULL), "disk_full");
+    assert_non_null(strstr(gw_wal_strerror(GW_WAL_ERR_DISK_FULL), "disk full"));
+    assert_string_equal(gw_wal_errname(0), "ok");
+    assert_string_equal(gw_wal_errname(-999), "unknown");
+}
+
 static void fresh_directory_is_created_and_recovers_empty(void **state)
 {
     struct fx *f = *state;
@@ -1172,6 +1204,7 @@ static void mutated_snapshot_files_never_crash_recovery_nor_return_a_damaged_ima
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(invalid_options_and_arguments_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(fresh_directory_is_created_and_recovers_empty, setup, teardown),
         cmocka_unit_test_setup_teardown(entries_hard_state_and_snapshot_survive_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(latest_hard_state_wins_and_backward_terms_are_refused, setup, teardown),
