@@ -301,7 +301,7 @@ static bool rec_parse(const uint8_t *buf, size_t size, size_t off, struct rec *r
             return false;
         break;
     case REC_SNAPSHOT:
-        if (body_len != 24 || etype != 0 || get64(p + REC_HDR + 16) > 1)
+        if (body_len != 24 || etype != 0)
             return false;
         break;
     default:
@@ -314,6 +314,8 @@ static bool rec_parse(const uint8_t *buf, size_t size, size_t off, struct rec *r
         if (p[REC_HDR + i] != 0)
             return false;
     if (get32(p) != crc32c(p + 4, REC_HDR - 4 + (size_t)body_len))
+        return false;
+    if (kind == REC_SNAPSHOT && get64(p + REC_HDR + 16) > 1) /* in bounds: checked above */
         return false;
     r->kind = kind;
     r->etype = etype;

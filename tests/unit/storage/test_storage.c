@@ -235,6 +235,20 @@ static void only_segment(const char *dir, char *path, size_t cap)
     snprintf(path, cap, "%.191s/%.63s", dir, names[0]);
 }
 
+static struct raft_snapshot snapshot_at(uint64_t index, uint64_t term, const uint8_t *data, size_t len)
+{
+    struct raft_snapshot s;
+    memset(&s, 0, sizeof(s));
+    s.index = index;
+    s.term = term;
+    s.conf.n = 1;
+    s.conf.members[0].id = 1;
+    s.conf.members[0].role = RAFT_VOTER;
+    s.data = data;
+    s.len = len;
+    return s;
+}
+
 #define REC(len) (16u + (((16u + (len)) + 7u) & ~7u)) /* on-disk size of an entry record */
 
 /* ---- Round trips ------------------------------------------------------------------------- */
@@ -582,6 +596,52 @@ static void torn_tail_in_a_preallocated_segment_recovers_and_keeps_the_space(voi
     free(orig);
 }
 
+static void every_cut_of_a_segment_with_every_record_kind_recovers_a_prefix(void **state)
+{
+    struct fx *f = *state;
+    struct gw_wal_options o = opts(1 << 20, false);
+    struct gw_wal_recovered rec;
+    struct gw_wal *w = open_ok(f->dir, &o, &rec);
+    gw_wal_recovered_free(&rec);
+    struct raft_hard_state hs = {.term = 1, .vote = 1, .commit = 0};
+    assert_int_equal(gw_wal_set_hard_state(w, &hs), 0);
+    append(w, 1, 6, 1, 20);
+    append(w, 4, 2, 2, 9); /* next-index record */
+    struct raft_snapshot s = snapshot_at(3, 1, NULL, 0);
+    assert_int_equal(gw_wal_save_snapshot(w, &s, 100), 0); /* snapshot record, nothing dropped */
+    hs.term = 2;
+    hs.commit = 5;
+    assert_int_equal(gw_wal_set_hard_state(w, &hs), 0);
+    append(w, 6, 1, 2, 3);
+    sync_ok(w);
+    gw_wal_close(w);
+    char path[512];
+    only_segment(f->dir, path, sizeof(path));
+    size_t len;
+    uint8_t *orig = slurp(path, &len);
+    for (size_t cut = 32; cut <= len; cut++) {
+        spit(path, orig, cut);
+        w = open_ok(f->dir, &o, &rec);
+        assert_true(rec.has_snapshot); /* the file; a log cut before index 3 is dropped */
+        for (size_t i = 0; i < rec.n_entries; i++) {
+            const struct raft_entry *e = &rec.entries[i];
+            assert_int_equal(e->index, rec.entries[0].index + i);
+            assert_true(e->term == 1 || (e->index >= 4 && e->term == 2));
+            if (i > 0)
+                assert_true(e->term >= rec.entries[i - 1].term);
+            for (uint32_t j = 0; j < e->len; j++)
+                assert_int_equal(e->data[j], payload_byte(e->index, e->term, j));
+        }
+        if (cut == len) {
+            expect_entries(&rec, 1, 6, 0);
+            assert_int_equal(rec.hard_state.term, 2);
+        }
+        gw_wal_recovered_free(&rec);
+        gw_wal_close(w);
+    }
+    free(orig);
+}
+
 static void flipped_byte_in_the_last_record_is_cut_off(void **state)
 {
     struct fx *f = *state;
@@ -762,19 +822,6 @@ static void second_open_of_a_directory_in_use_is_refused(void **state)
 
 /* ---- Snapshots --------------------------------------------------------------------------- */
 
-static struct raft_snapshot snapshot_at(uint64_t index, uint64_t term, const uint8_t *data, size_t len)
-{
-    struct raft_snapshot s;
-    memset(&s, 0, sizeof(s));
-    s.index = index;
-    s.term = term;
-    s.conf.n = 1;
-    s.conf.members[0].id = 1;
-    s.conf.members[0].role = RAFT_VOTER;
-    s.data = data;
-    s.len = len;
-    return s;
-}
 
 static void snapshot_compacts_old_segments_and_recovery_starts_after_it(void **state)
 {
@@ -1214,6 +1261,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(appends_that_break_the_log_rules_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(torn_last_record_recovers_to_the_previous_record_at_every_cut, setup, teardown),
         cmocka_unit_test_setup_teardown(torn_tail_in_a_preallocated_segment_recovers_and_keeps_the_space, setup, teardown),
+        cmocka_unit_test_setup_teardown(every_cut_of_a_segment_with_every_record_kind_recovers_a_prefix, setup, teardown),
         cmocka_unit_test_setup_teardown(flipped_byte_in_the_last_record_is_cut_off, setup, teardown),
         cmocka_unit_test_setup_teardown(flipped_byte_in_a_middle_record_refuses_to_open_naming_file_and_offset, setup, teardown),
         cmocka_unit_test_setup_teardown(damage_in_a_segment_that_is_not_the_last_refuses_to_open, setup, teardown),
