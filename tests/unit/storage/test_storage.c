@@ -1151,6 +1151,8 @@ static void mutated_segments_never_crash_recovery_nor_return_damaged_entries(voi
     for (uint64_t i = 1; i <= 40; i += 8)
         append(w, i, 8, 1, (uint32_t)(i * 3));
     append(w, 30, 3, 2, 7);
+    struct raft_snapshot s = snapshot_at(10, 1, NULL, 0);
+    assert_int_equal(gw_wal_save_snapshot(w, &s, 100), 0); /* a snapshot record, no compaction */
     sync_ok(w);
     gw_wal_close(w);
     char path[512];
