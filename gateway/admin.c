@@ -231,9 +231,9 @@ static void route_state(struct creq *q, const struct gw_route *r)
   cJSON_AddNumberToObject(doc, "requests", (double)atomic_load(&rt->requests));
   if (rt->breaker) {
     struct gw_breaker_snapshot s;
-    pthread_mutex_lock(&rt->mu);
-    gw_breaker_snapshot(rt->breaker, now, &s);
-    pthread_mutex_unlock(&rt->mu);
+    pthread_mutex_lock(&rt->breaker->mu);
+    gw_breaker_snapshot(rt->breaker->obj, now, &s);
+    pthread_mutex_unlock(&rt->breaker->mu);
     cJSON *b = cJSON_AddObjectToObject(doc, "breaker");
     cJSON_AddStringToObject(b, "state", gw_breaker_state_name(s.state));
     cJSON_AddStringToObject(b, "mode", gw_breaker_mode_name(s.mode));
@@ -252,9 +252,9 @@ static void route_state(struct creq *q, const struct gw_route *r)
     cJSON_AddNumberToObject(b, "rejected", (double)s.rejected);
   }
   if (rt->token_bucket)
-    limiter_json(doc, "token_bucket", rt, rt->token_bucket, now);
+    limiter_json(doc, "token_bucket", rt, rt->token_bucket->obj, now);
   if (rt->sliding_window)
-    limiter_json(doc, "sliding_window", rt, rt->sliding_window, now);
+    limiter_json(doc, "sliding_window", rt, rt->sliding_window->obj, now);
   if (r->degradation.enabled) {
     cJSON *d = cJSON_AddObjectToObject(doc, "degradation");
     pthread_mutex_lock(&rt->mu);
@@ -322,9 +322,9 @@ static void set_breaker(struct creq *q, const struct gw_route *r)
                          "this route has no circuit_breaker policy", NULL);
     return;
   }
-  pthread_mutex_lock(&r->rt->mu);
-  gw_breaker_set_mode(r->rt->breaker, mode, mono_ns());
-  pthread_mutex_unlock(&r->rt->mu);
+  pthread_mutex_lock(&r->rt->breaker->mu);
+  gw_breaker_set_mode(r->rt->breaker->obj, mode, mono_ns());
+  pthread_mutex_unlock(&r->rt->breaker->mu);
   gw_logf("info", "route %s: breaker set to %s through the admin API", r->name, v);
   route_state(q, r);
 }

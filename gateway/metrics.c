@@ -151,9 +151,9 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
     if (!rt || !rt->breaker)
       continue;
     struct gw_breaker_snapshot s;
-    pthread_mutex_lock(&rt->mu);
-    gw_breaker_snapshot(rt->breaker, now, &s);
-    pthread_mutex_unlock(&rt->mu);
+    pthread_mutex_lock(&rt->breaker->mu);
+    gw_breaker_snapshot(rt->breaker->obj, now, &s);
+    pthread_mutex_unlock(&rt->breaker->mu);
     outf(b, "gateway_breaker_state{route=\"%s\"} %d\n", rt->name, (int)s.state);
     if (nsnap < 64)
       snaps[nsnap++] = s;

@@ -13,6 +13,8 @@
 #include <strings.h>
 #include <sys/random.h>
 
+#include <cjson/cJSON.h>
+
 #include "err.h"
 #include "hash.h"
 #include "log.h"
@@ -194,15 +196,56 @@ static int limiter_create(const struct gw_store_ops *store, enum gw_limiter_kind
   return store->limiter_create(&spec, out);
 }
 
+static void part_unref(struct gw_part *p)
+{
+  if (!p || atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) != 1)
+    return;
+  p->destroy(p->obj);
+  pthread_mutex_destroy(&p->mu);
+  free(p->json);
+  free(p);
+}
+
+static struct gw_part *part_new(void *obj, void (*destroy)(void *), const char *json)
+{
+  struct gw_part *p = calloc(1, sizeof(*p));
+  if (!p)
+    return NULL;
+  atomic_init(&p->refs, 1);
+  pthread_mutex_init(&p->mu, NULL);
+  p->obj = obj;
+  p->destroy = destroy;
+  p->json = strdup(json ? json : "");
+  return p;
+}
+
+/* The printed JSON of one policy within a route's policies object ("" when absent). */
+static char *policy_json(const char *policies_json, const char *key)
+{
+  cJSON *doc = cJSON_Parse(policies_json);
+  const cJSON *v = doc ? cJSON_GetObjectItemCaseSensitive(doc, key) : NULL;
+  char *out = v ? cJSON_PrintUnformatted(v) : strdup("");
+  cJSON_Delete(doc);
+  return out;
+}
+
+/* prev's part for the same policy when its configuration is unchanged, with a new reference. */
+static struct gw_part *reuse_part(struct gw_part *prev, const char *json)
+{
+  if (!prev || !json || strcmp(prev->json, json) != 0)
+    return NULL;
+  atomic_fetch_add_explicit(&prev->refs, 1, memory_order_relaxed);
+  return prev;
+}
+
+static void destroy_breaker(void *b) { gw_breaker_destroy(b); }
+
 static void rt_free(struct gw_route_rt *rt)
 {
-  if (rt->token_bucket)
-    rt->store->limiter_destroy(rt->token_bucket);
-  if (rt->sliding_window)
-    rt->store->limiter_destroy(rt->sliding_window);
-  if (rt->idem)
-    rt->store->idem_destroy(rt->idem);
-  gw_breaker_destroy(rt->breaker);
+  part_unref(rt->token_bucket);
+  part_unref(rt->sliding_window);
+  part_unref(rt->idem);
+  part_unref(rt->breaker);
   stale_free(rt->stale);
   pthread_mutex_destroy(&rt->mu);
   free(rt->name);
@@ -210,7 +253,58 @@ static void rt_free(struct gw_route_rt *rt)
   free(rt);
 }
 
-static int rt_create(const struct gw_route *r, struct gw_route_rt **out)
+static void destroy_limiter(void *l) { gw_store_memory.limiter_destroy(l); }
+static void destroy_idem(void *i) { gw_store_memory.idem_destroy(i); }
+
+/* A part for one policy: prev's when unchanged, else a new one from make(). */
+static int make_part(struct gw_part **out, struct gw_part *prev, const char *policies_json,
+                     const char *key, int (*make)(const struct gw_route *, void **),
+                     void (*destroy)(void *), const struct gw_route *r)
+{
+  char *json = policy_json(policies_json, key);
+  if (!json)
+    return GW_ENOMEM;
+  *out = reuse_part(prev, json);
+  if (*out) {
+    free(json);
+    return 0;
+  }
+  void *obj = NULL;
+  int rc = make(r, &obj);
+  if (rc == 0) {
+    *out = part_new(obj, destroy, json);
+    if (!*out) {
+      destroy(obj);
+      rc = GW_ENOMEM;
+    }
+  }
+  free(json);
+  return rc;
+}
+
+static int make_tb(const struct gw_route *r, void **o)
+{
+  return limiter_create(&gw_store_memory, GW_LIMITER_TOKEN_BUCKET, r, o);
+}
+static int make_sw(const struct gw_route *r, void **o)
+{
+  return limiter_create(&gw_store_memory, GW_LIMITER_SLIDING_WINDOW, r, o);
+}
+static int make_breaker(const struct gw_route *r, void **o)
+{
+  return gw_breaker_create(&r->breaker.c, (struct gw_breaker **)o);
+}
+static int make_idem(const struct gw_route *r, void **o)
+{
+  struct gw_idem_config ic = {.max_records = IDEM_MAX_RECORDS,
+                              .max_bytes = IDEM_MAX_BYTES,
+                              .ttl_ms = r->idempotency.ttl_ms,
+                              .seed = random_key()};
+  return gw_store_memory.idem_create(&ic, o);
+}
+
+static int rt_create(const struct gw_route *r, const struct gw_route_rt *prev,
+                     struct gw_route_rt **out)
 {
   struct gw_route_rt *rt = calloc(1, sizeof(*rt));
   if (!rt)
@@ -230,18 +324,17 @@ static int rt_create(const struct gw_route *r, struct gw_route_rt **out)
   if (!rt->name || !rt->policies_json)
     rc = GW_ENOMEM;
   if (!rc && r->token_bucket.enabled)
-    rc = limiter_create(rt->store, GW_LIMITER_TOKEN_BUCKET, r, &rt->token_bucket);
+    rc = make_part(&rt->token_bucket, prev ? prev->token_bucket : NULL, r->policies_json,
+                   "token_bucket", make_tb, destroy_limiter, r);
   if (!rc && r->sliding_window.enabled)
-    rc = limiter_create(rt->store, GW_LIMITER_SLIDING_WINDOW, r, &rt->sliding_window);
+    rc = make_part(&rt->sliding_window, prev ? prev->sliding_window : NULL, r->policies_json,
+                   "sliding_window", make_sw, destroy_limiter, r);
   if (!rc && r->breaker.enabled)
-    rc = gw_breaker_create(&r->breaker.c, &rt->breaker);
-  if (!rc && r->idempotency.enabled) {
-    struct gw_idem_config ic = {.max_records = IDEM_MAX_RECORDS,
-                                .max_bytes = IDEM_MAX_BYTES,
-                                .ttl_ms = r->idempotency.ttl_ms,
-                                .seed = random_key()};
-    rc = rt->store->idem_create(&ic, &rt->idem);
-  }
+    rc = make_part(&rt->breaker, prev ? prev->breaker : NULL, r->policies_json,
+                   "circuit_breaker", make_breaker, destroy_breaker, r);
+  if (!rc && r->idempotency.enabled)
+    rc = make_part(&rt->idem, prev ? prev->idem : NULL, r->policies_json, "idempotency",
+                   make_idem, destroy_idem, r);
   if (!rc && r->degradation.enabled && r->degradation.c.stale_if_error_ms) {
     rt->stale = calloc(1, sizeof(*rt->stale));
     if (!rt->stale)
@@ -283,8 +376,13 @@ int gw_pipeline_attach(struct gw_config *cfg, const struct gw_config *prev)
         break;
       }
     }
+    const struct gw_route_rt *same_name = NULL;
+    for (size_t j = 0; prev && j < prev->route_count; j++)
+      if (prev->routes[j].rt && strcmp(prev->routes[j].name, r->name) == 0)
+        same_name = prev->routes[j].rt;
     if (!r->rt) {
-      int rc = rt_create(r, &r->rt);
+      /* Changed policies: new state, but each unchanged stateful policy keeps its part. */
+      int rc = rt_create(r, same_name, &r->rt);
       if (rc) {
         gw_logf("error", "route %s: cannot create its policy state: %s", r->name,
                 gw_strerror(rc));
@@ -422,7 +520,7 @@ enum gw_step gw_pipeline_begin(struct gw_preq *p, const struct gw_req_view *v, u
       enum gw_idem_decision d;
       gw_idem_fingerprint(v->method, strlen(v->method), v->target, v->target_len, v->body,
                           v->body_len, &fp);
-      int rc = rt->store->idem_begin(rt->idem, r->name, strlen(r->name), key, strlen(key), &fp,
+      int rc = rt->store->idem_begin(rt->idem->obj, r->name, strlen(r->name), key, strlen(key), &fp,
                                      now_ns, &d, &p->claim, copy_replay, resp);
       if (rc) {
         gw_resp_error(resp, GW_EOVERLOADED, 1);
@@ -448,7 +546,8 @@ enum gw_step gw_pipeline_begin(struct gw_preq *p, const struct gw_req_view *v, u
   }
 
   /* 2. Rate limits. */
-  void *limiters[2] = {rt->token_bucket, rt->sliding_window};
+  void *limiters[2] = {rt->token_bucket ? rt->token_bucket->obj : NULL,
+                       rt->sliding_window ? rt->sliding_window->obj : NULL};
   const struct gw_limit_key *keys[2] = {&r->token_bucket.key, &r->sliding_window.key};
   for (int i = 0; i < 2; i++) {
     if (!limiters[i])
@@ -493,9 +592,9 @@ enum gw_step gw_pipeline_begin(struct gw_preq *p, const struct gw_req_view *v, u
     }
   }
   if (rt->breaker) {
-    pthread_mutex_lock(&rt->mu);
-    bool ok = gw_breaker_acquire(rt->breaker, now_ns, &p->ticket);
-    pthread_mutex_unlock(&rt->mu);
+    pthread_mutex_lock(&rt->breaker->mu);
+    bool ok = gw_breaker_acquire(rt->breaker->obj, now_ns, &p->ticket);
+    pthread_mutex_unlock(&rt->breaker->mu);
     if (!ok) {
       atomic_fetch_add_explicit(&rt->breaker_rejected, 1, memory_order_relaxed);
       if (degrade(p, v, GW_DEGRADE_CIRCUIT_OPEN, now_ns, resp))
@@ -522,9 +621,9 @@ bool gw_pipeline_try_begin(struct gw_preq *p, uint64_t now_ns, uint64_t *timeout
 {
   struct gw_route_rt *rt = p->rt;
   if (p->tries > 0 && rt->breaker) {
-    pthread_mutex_lock(&rt->mu);
-    bool ok = gw_breaker_acquire(rt->breaker, now_ns, &p->ticket);
-    pthread_mutex_unlock(&rt->mu);
+    pthread_mutex_lock(&rt->breaker->mu);
+    bool ok = gw_breaker_acquire(rt->breaker->obj, now_ns, &p->ticket);
+    pthread_mutex_unlock(&rt->breaker->mu);
     if (!ok)
       return false;
   }
@@ -533,9 +632,9 @@ bool gw_pipeline_try_begin(struct gw_preq *p, uint64_t now_ns, uint64_t *timeout
     uint64_t try_ns;
     if (!gw_retry_start_try(&p->retry, &p->route->retry.c, now_ns, &try_ns)) {
       if (p->ticket.admitted) {
-        pthread_mutex_lock(&rt->mu);
-        gw_breaker_cancel(rt->breaker, &p->ticket);
-        pthread_mutex_unlock(&rt->mu);
+        pthread_mutex_lock(&rt->breaker->mu);
+        gw_breaker_cancel(rt->breaker->obj, &p->ticket);
+        pthread_mutex_unlock(&rt->breaker->mu);
       }
       return false;
     }
@@ -555,11 +654,13 @@ bool gw_pipeline_try_end(struct gw_preq *p, enum gw_try_result result, int statu
   if (result != GW_TRY_CONNECT_FAILURE)
     p->upstream_saw = true;
   bool again = false;
-  pthread_mutex_lock(&rt->mu);
   if (rt->breaker && p->ticket.admitted) {
     bool failure = gw_breaker_is_failure(&p->route->breaker.c, result, status);
-    gw_breaker_record(rt->breaker, &p->ticket, failure, duration_ms, now_ns);
+    pthread_mutex_lock(&rt->breaker->mu);
+    gw_breaker_record(rt->breaker->obj, &p->ticket, failure, duration_ms, now_ns);
+    pthread_mutex_unlock(&rt->breaker->mu);
   }
+  pthread_mutex_lock(&rt->mu);
   if (p->retry_on) {
     struct gw_retry_input in = {.result = result, .status = status,
                                 .retry_after_ms = retry_after_ms};
@@ -604,7 +705,7 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
                                   .headers_len = resp->headers.len,
                                   .body = resp->body.p ? resp->body.p : "",
                                   .body_len = resp->body.len};
-    int rc = rt->store->idem_finish(rt->idem, &p->claim, origin, &ir, now_ns);
+    int rc = rt->store->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns);
     if (rc && rc != GW_POLICY_ESTALE)
       gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
                       "execute again", r->name, gw_policy_strerror(rc));
@@ -622,9 +723,12 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
   atomic_fetch_add_explicit(&rt->latency_sum_us, us, memory_order_relaxed);
   atomic_fetch_add_explicit(&rt->latency_count, 1, memory_order_relaxed);
   atomic_fetch_sub_explicit(&rt->inflight, 1, memory_order_relaxed);
+  if (p->ticket.admitted) {
+    pthread_mutex_lock(&rt->breaker->mu);
+    gw_breaker_cancel(rt->breaker->obj, &p->ticket);
+    pthread_mutex_unlock(&rt->breaker->mu);
+  }
   pthread_mutex_lock(&rt->mu);
-  if (p->ticket.admitted)
-    gw_breaker_cancel(rt->breaker, &p->ticket);
   if (p->conc_held)
     gw_degrade_leave(&rt->degrade);
   pthread_mutex_unlock(&rt->mu);

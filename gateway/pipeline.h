@@ -35,6 +35,15 @@
 
 struct gw_stale_cache;
 
+/* A reference-counted piece of a route's live state with its own lock. */
+struct gw_part {
+  atomic_int refs;
+  pthread_mutex_t mu;
+  void *obj;
+  char *json; /* owned: the policy's configuration as written, to tell whether it changed */
+  void (*destroy)(void *obj);
+};
+
 /* Request latency histogram bounds, in microseconds (the last one is +Inf). */
 #define GW_LATENCY_BUCKETS 14
 extern const uint64_t gw_latency_bounds_us[GW_LATENCY_BUCKETS];
@@ -45,12 +54,14 @@ struct gw_route_rt {
   char *name;          /* owned */
   char *policies_json; /* owned: the policies as written, to tell whether a reload changed them */
   const struct gw_store_ops *store;
-  void *token_bucket;   /* store limiter, or NULL */
-  void *sliding_window; /* store limiter, or NULL */
-  void *idem;           /* store idempotency records, or NULL */
+  /* Stateful parts shared with the next live state of the route when their own policy is
+   * unchanged by a reload or an admin change (NULL when the policy is off). */
+  struct gw_part *token_bucket;   /* a store limiter (locks inside the store) */
+  struct gw_part *sliding_window; /* a store limiter */
+  struct gw_part *idem;           /* store idempotency records */
+  struct gw_part *breaker;        /* a struct gw_breaker, under the part's mu */
 
   pthread_mutex_t mu; /* guards the fields below up to the atomics */
-  struct gw_breaker *breaker;
   struct gw_retry_budget budget;
   struct gw_rng rng;
   struct gw_degrade degrade; /* forced mode, concurrency limit, slow detector */

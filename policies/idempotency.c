@@ -1,6 +1,9 @@
 /*
- * Idempotency store: chained hash table of malloc'd records plus a list in creation order, which
- * is also expiry order because a store has one TTL. See idempotency.h for the rules.
+ * Idempotency store: chained hash table of malloc'd records plus two lists. In-flight records
+ * sit in their own list and never expire: a claim lasts as long as its request (however long
+ * that is next to ttl_ms), or a duplicate would execute a second time. A completed record moves
+ * to the other list, in completion order, which is also expiry order because a store has one
+ * TTL, counted from completion. See idempotency.h for the rules.
  */
 #include "idempotency.h"
 
@@ -29,7 +32,8 @@ struct gw_idem_store {
   struct gw_idem_config cfg;
   struct record **buckets;
   uint64_t mask;
-  struct record *oldest, *newest;
+  struct record *oldest, *newest;       /* completed, in expiry order */
+  struct record *fl_oldest, *fl_newest; /* in flight */
   uint64_t next_id;
   uint32_t records, in_flight;
   uint64_t bytes;
@@ -87,11 +91,13 @@ void gw_idem_destroy(struct gw_idem_store *st)
 {
   if (!st)
     return;
-  for (struct record *r = st->oldest; r;) {
-    struct record *next = r->newer;
-    free_record(r);
-    r = next;
-  }
+  struct record *lists[2] = {st->oldest, st->fl_oldest};
+  for (int i = 0; i < 2; i++)
+    for (struct record *r = lists[i]; r;) {
+      struct record *next = r->newer;
+      free_record(r);
+      r = next;
+    }
   free(st->buckets);
   free(st);
 }
@@ -153,20 +159,43 @@ static size_t record_bytes(const struct record *r)
   return sizeof(*r) + r->route_len + r->key_len + r->headers_len + r->body_len;
 }
 
+/* Take r off its list (in flight or completed). */
+static void list_unlink(struct gw_idem_store *st, struct record *r)
+{
+  struct record **oldest = r->state == IN_FLIGHT ? &st->fl_oldest : &st->oldest;
+  struct record **newest = r->state == IN_FLIGHT ? &st->fl_newest : &st->newest;
+  if (r->older)
+    r->older->newer = r->newer;
+  else
+    *oldest = r->newer;
+  if (r->newer)
+    r->newer->older = r->older;
+  else
+    *newest = r->older;
+  r->older = r->newer = NULL;
+}
+
+/* Append r to the newest end of its list. */
+static void list_append(struct gw_idem_store *st, struct record *r)
+{
+  struct record **oldest = r->state == IN_FLIGHT ? &st->fl_oldest : &st->oldest;
+  struct record **newest = r->state == IN_FLIGHT ? &st->fl_newest : &st->newest;
+  r->older = *newest;
+  r->newer = NULL;
+  if (*newest)
+    (*newest)->newer = r;
+  else
+    *oldest = r;
+  *newest = r;
+}
+
 static void unlink_record(struct gw_idem_store *st, struct record *r)
 {
   struct record **link = &st->buckets[r->hash & st->mask];
   while (*link != r)
     link = &(*link)->chain_next;
   *link = r->chain_next;
-  if (r->older)
-    r->older->newer = r->newer;
-  else
-    st->oldest = r->newer;
-  if (r->newer)
-    r->newer->older = r->older;
-  else
-    st->newest = r->older;
+  list_unlink(st, r);
   st->records--;
   st->in_flight -= r->state == IN_FLIGHT;
   st->bytes -= record_bytes(r);
@@ -237,7 +266,7 @@ int gw_idem_begin(struct gw_idem_store *st, const char *route, size_t route_len,
     return GW_POLICY_ENOMEM;
   r->hash = hash;
   r->id = st->next_id++;
-  r->expires_ns = gw_sat_add(now_ns, st->cfg.ttl_ms * GW_NS_PER_MS);
+  r->expires_ns = UINT64_MAX; /* set when the request completes */
   r->fp = *fp;
   r->state = IN_FLIGHT;
   r->route_len = (uint16_t)route_len;
@@ -247,12 +276,7 @@ int gw_idem_begin(struct gw_idem_store *st, const char *route, size_t route_len,
   struct record **b = &st->buckets[hash & st->mask];
   r->chain_next = *b;
   *b = r;
-  r->older = st->newest;
-  if (st->newest)
-    st->newest->newer = r;
-  else
-    st->oldest = r;
-  st->newest = r;
+  list_append(st, r);
   st->records++;
   st->in_flight++;
   st->bytes += need;
@@ -297,11 +321,8 @@ int gw_idem_complete(struct gw_idem_store *st, const struct gw_idem_claim *claim
     return GW_POLICY_ETOO_LARGE;
   }
   if (st->bytes + len > st->cfg.max_bytes) {
-    /* Reclaim expired records, but never the one being completed. */
-    while (st->oldest && st->oldest != r && st->oldest->expires_ns <= now_ns) {
-      unlink_record(st, st->oldest);
-      st->expired++;
-    }
+    /* Reclaim expired records (the one being completed is in flight: not among them). */
+    gw_idem_expire(st, now_ns, SIZE_MAX);
     if (st->bytes + len > st->cfg.max_bytes) {
       st->full++;
       unlink_record(st, r);
@@ -324,7 +345,10 @@ int gw_idem_complete(struct gw_idem_store *st, const struct gw_idem_claim *claim
   r->headers_len = resp->headers_len;
   r->body_len = resp->body_len;
   r->status = resp->status;
+  list_unlink(st, r);
   r->state = COMPLETED;
+  r->expires_ns = gw_sat_add(now_ns, st->cfg.ttl_ms * GW_NS_PER_MS);
+  list_append(st, r);
   st->in_flight--;
   st->bytes += len;
   return 0;

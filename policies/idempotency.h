@@ -4,7 +4,8 @@
  *
  *   absent --begin--> IN_FLIGHT --complete--> COMPLETED (status, headers, body stored)
  *                         \--release--> absent (the upstream never saw the request)
- *   any record --ttl_ms after its creation--> absent
+ *   a COMPLETED record --ttl_ms after its completion--> absent
+ *   (an IN_FLIGHT record never expires: it lasts as long as its request)
  *
  * gw_idem_begin decides for a request: EXECUTE (this request now holds the claim), IN_FLIGHT
  * (409 idempotency_in_flight), MISMATCH (422 idempotency_key_mismatch: same key, different
@@ -28,7 +29,8 @@
  * GW_POLICY_ETOO_LARGE and the claim is released (the caller logs that the response was not kept).
  * Records are never evicted before their TTL, since that would silently allow a second execution.
  *
- * One TTL per store (records expire in creation order, so reclaiming is O(1) per record); the
+ * One TTL per store (completed records expire in completion order, so reclaiming is O(1) per
+ * record); the
  * gateway keeps one store per route or per TTL. Not thread-safe: one lock around each call.
  * Allocation: one block per record (plus one per stored response), owned by the store.
  */

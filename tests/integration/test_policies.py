@@ -1148,11 +1148,6 @@ class IdempotencyTest(PolicyCase):
         self.assertEqual(got.json(), {"upstream": up.name, "status": 200})
         self.assertEqual(self.received(up), 1)
 
-    # known gap: the in-flight claim expires ttl_ms after it was taken even though the first
-    # request is still executing (policies/idempotency.c gives IN_FLIGHT records the same
-    # expires_ns and gw_idem_expire reclaims them), so a duplicate after ttl_ms executes a
-    # second time instead of 409 idempotency_in_flight (API.md section 3).
-    @unittest.expectedFailure
     def test_in_flight_claim_outlives_ttl(self):
         up, gw = self.env({"idempotency": {"ttl_ms": 1000}}, timeout_ms=10000)
         target = "/delay/2500"
@@ -1320,11 +1315,6 @@ class IdempotencyTest(PolicyCase):
     def test_records_survive_a_reload(self):
         self.reload_case(tb_after=100)
 
-    # known gap: a SIGHUP that changes any other policy of the route (here the token bucket's
-    # capacity) builds the route's policy state anew, and the idempotency records go with it:
-    # a duplicate within ttl_ms executes a second time (API.md section 3: executed once per
-    # (route, key), records live ttl_ms).
-    @unittest.expectedFailure
     def test_records_survive_a_reload_that_changes_another_policy(self):
         self.reload_case(tb_after=50)
 

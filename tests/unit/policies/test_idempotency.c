@@ -161,14 +161,14 @@ static void same_key_on_another_route_is_independent(void **state)
   gw_idem_destroy(st);
 }
 
-static void record_expires_exactly_at_ttl(void **state)
+static void record_expires_exactly_ttl_after_completion(void **state)
 {
   struct gw_idem_store *st = make(100, 1 << 20, 1000);
   struct gw_idem_fingerprint fp = fp_of("POST", "/orders", "{}");
   struct outcome o = begin(st, "orders", "k1", fp, T0);
   assert_int_equal(gw_idem_complete(st, &o.claim, &created, T0 + 500 * MS), 0);
-  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 1000 * MS - 1).decision, GW_IDEM_REPLAY);
-  struct outcome again = begin(st, "orders", "k1", fp, T0 + 1000 * MS);
+  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 1500 * MS - 1).decision, GW_IDEM_REPLAY);
+  struct outcome again = begin(st, "orders", "k1", fp, T0 + 1500 * MS);
   assert_int_equal(again.decision, GW_IDEM_EXECUTE);
   struct gw_idem_stats stats;
   gw_idem_stats(st, &stats);
@@ -177,17 +177,18 @@ static void record_expires_exactly_at_ttl(void **state)
   gw_idem_destroy(st);
 }
 
-static void late_completion_after_expiry_and_reclaim_is_stale(void **state)
+static void in_flight_claim_outlives_ttl(void **state)
 {
+  /* A request slower than ttl_ms still holds its key: a duplicate must not execute again. */
   struct gw_idem_store *st = make(100, 1 << 20, 1000);
   struct gw_idem_fingerprint fp = fp_of("POST", "/orders", "{}");
   struct outcome first = begin(st, "orders", "k1", fp, T0);
-  struct outcome second = begin(st, "orders", "k1", fp, T0 + 2 * S); /* first expired in flight */
-  assert_int_equal(second.decision, GW_IDEM_EXECUTE);
-  assert_int_equal(gw_idem_complete(st, &first.claim, &created, T0 + 2 * S), GW_POLICY_ESTALE);
   assert_int_equal(begin(st, "orders", "k1", fp, T0 + 2 * S).decision, GW_IDEM_IN_FLIGHT);
-  assert_int_equal(gw_idem_complete(st, &second.claim, &created, T0 + 2 * S), 0);
-  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 2 * S).decision, GW_IDEM_REPLAY);
+  gw_idem_expire(st, T0 + 100 * S, SIZE_MAX);
+  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 100 * S).decision, GW_IDEM_IN_FLIGHT);
+  assert_int_equal(gw_idem_complete(st, &first.claim, &created, T0 + 100 * S), 0);
+  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 100 * S).decision, GW_IDEM_REPLAY);
+  assert_int_equal(begin(st, "orders", "k1", fp, T0 + 101 * S).decision, GW_IDEM_EXECUTE);
   gw_idem_destroy(st);
 }
 
@@ -262,12 +263,15 @@ static void record_limit_refuses_new_claims_until_records_expire(void **state)
 {
   struct gw_idem_store *st = make(3, 1 << 20, 1000);
   struct gw_idem_fingerprint fp = fp_of("POST", "/", "");
-  assert_int_equal(begin(st, "r", "a", fp, T0).decision, GW_IDEM_EXECUTE);
-  assert_int_equal(begin(st, "r", "b", fp, T0 + 100 * MS).decision, GW_IDEM_EXECUTE);
-  assert_int_equal(begin(st, "r", "c", fp, T0 + 200 * MS).decision, GW_IDEM_EXECUTE);
+  const char *keys[3] = {"a", "b", "c"};
+  for (int i = 0; i < 3; i++) {
+    struct outcome o = begin(st, "r", keys[i], fp, T0 + (uint64_t)i * 100 * MS);
+    assert_int_equal(o.decision, GW_IDEM_EXECUTE);
+    assert_int_equal(gw_idem_complete(st, &o.claim, &created, T0 + (uint64_t)i * 100 * MS), 0);
+  }
   assert_int_equal(begin(st, "r", "d", fp, T0 + 300 * MS).rc, GW_POLICY_EFULL);
   /* Existing keys still get their answers while full. */
-  assert_int_equal(begin(st, "r", "a", fp, T0 + 300 * MS).decision, GW_IDEM_IN_FLIGHT);
+  assert_int_equal(begin(st, "r", "a", fp, T0 + 300 * MS).decision, GW_IDEM_REPLAY);
   assert_int_equal(begin(st, "r", "d", fp, T0 + 1000 * MS).decision, GW_IDEM_EXECUTE); /* a left */
   assert_int_equal(begin(st, "r", "e", fp, T0 + 1000 * MS).rc, GW_POLICY_EFULL);
   struct gw_idem_stats stats;
@@ -303,7 +307,7 @@ static void byte_limit_refuses_responses_that_do_not_fit(void **state)
   gw_idem_destroy(st);
 }
 
-static void expire_sweeps_in_creation_order_and_frees_bytes(void **state)
+static void expire_sweeps_in_completion_order_and_frees_bytes(void **state)
 {
   struct gw_idem_store *st = make(100, 1 << 20, 1000);
   struct gw_idem_fingerprint fp = fp_of("POST", "/", "");
@@ -313,7 +317,9 @@ static void expire_sweeps_in_creation_order_and_frees_bytes(void **state)
     assert_int_equal(gw_idem_complete(st, &o.claim, &created, T0 + (uint64_t)i * 100 * MS), 0);
   }
   assert_int_equal(gw_idem_expire(st, T0 + 1450 * MS, 100), 5);
-  assert_int_equal(begin(st, "r", "k4", fp, T0 + 1450 * MS).decision, GW_IDEM_EXECUTE);
+  struct outcome k4 = begin(st, "r", "k4", fp, T0 + 1450 * MS);
+  assert_int_equal(k4.decision, GW_IDEM_EXECUTE);
+  assert_int_equal(gw_idem_release(st, &k4.claim), 0);
   assert_int_equal(begin(st, "r", "k5", fp, T0 + 1450 * MS).decision, GW_IDEM_REPLAY);
   assert_int_equal(gw_idem_expire(st, T0 + 100 * S, 2), 2);
   gw_idem_expire(st, T0 + 100 * S, SIZE_MAX);
@@ -334,8 +340,8 @@ int main(void)
       cmocka_unit_test(completed_request_is_replayed_byte_for_byte),
       cmocka_unit_test(different_request_under_same_key_gets_422),
       cmocka_unit_test(same_key_on_another_route_is_independent),
-      cmocka_unit_test(record_expires_exactly_at_ttl),
-      cmocka_unit_test(late_completion_after_expiry_and_reclaim_is_stale),
+      cmocka_unit_test(record_expires_exactly_ttl_after_completion),
+      cmocka_unit_test(in_flight_claim_outlives_ttl),
       cmocka_unit_test(store_rule_keeps_upstream_answers_and_timeouts_only),
       cmocka_unit_test(upstream_error_status_is_stored_and_replayed),
       cmocka_unit_test(rejection_before_upstream_releases_the_claim),
@@ -343,7 +349,7 @@ int main(void)
       cmocka_unit_test(completed_record_cannot_be_completed_again),
       cmocka_unit_test(record_limit_refuses_new_claims_until_records_expire),
       cmocka_unit_test(byte_limit_refuses_responses_that_do_not_fit),
-      cmocka_unit_test(expire_sweeps_in_creation_order_and_frees_bytes),
+      cmocka_unit_test(expire_sweeps_in_completion_order_and_frees_bytes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
