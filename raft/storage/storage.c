@@ -863,8 +863,10 @@ static void note(struct gw_wal *w, struct gw_wal_recovered *rec, const char *fmt
         w->opt.log(w->opt.log_ctx, rec->note);
 }
 
-/* Reads a whole file. */
-static int read_file(struct gw_wal *w, int fd, const char *name, uint8_t **out, size_t *size)
+/* Reads a whole file; with to_hole, stops where nothing but holes follow (the unwritten part of
+ * a preallocated segment reads as zeros, so this changes nothing but the memory it takes). */
+static int read_file(struct gw_wal *w, int fd, const char *name, uint8_t **out, size_t *size,
+                     bool to_hole)
 {
     struct stat st;
     if (fstat(fd, &st) != 0)
@@ -874,6 +876,11 @@ static int read_file(struct gw_wal *w, int fd, const char *name, uint8_t **out, 
         return GW_WAL_ERR_TOO_BIG;
     }
     size_t n = (size_t)st.st_size;
+    if (to_hole) {
+        off_t hole = lseek(fd, 0, SEEK_HOLE); /* the file size where holes are not reported */
+        if (hole >= 0 && hole < st.st_size && lseek(fd, hole, SEEK_DATA) < 0 && errno == ENXIO)
+            n = (size_t)hole;
+    }
     uint8_t *b = malloc(n ? n : 1);
     if (!b)
         return GW_WAL_ERR_NOMEM;
@@ -905,7 +912,7 @@ static int load_segment(struct gw_wal *w, struct replay *rp, struct gw_wal_recov
     int fd = openat(w->dirfd, name, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return fail_errno(w, -errno, "open", name);
-    rc = read_file(w, fd, name, &buf, &size);
+    rc = read_file(w, fd, name, &buf, &size, true);
     if (rc != 0)
         goto close_fd;
     rc = replay_keep_buf(rp, buf);
@@ -1005,7 +1012,7 @@ static int load_snapshot(struct gw_wal *w, struct replay *rp, const char *name, 
     int fd = openat(w->dirfd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return fail_errno(w, -errno, "open", name);
-    int rc = read_file(w, fd, name, &buf, &size);
+    int rc = read_file(w, fd, name, &buf, &size, false);
     close(fd);
     if (rc != 0)
         return rc;
