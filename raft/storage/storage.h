@@ -33,7 +33,7 @@
     X(GW_WAL_ERR_INVALID, -1, "invalid", "invalid argument")                                       \
     X(GW_WAL_ERR_NOMEM, -2, "nomem", "out of memory")                                              \
     X(GW_WAL_ERR_IO, -3, "io", "I/O error")                                                        \
-    X(GW_WAL_ERR_DISK_FULL, -4, "disk_full", "disk full: nothing was written, retry once space is freed") \
+    X(GW_WAL_ERR_DISK_FULL, -4, "disk_full", "disk full (no space or quota left)")               \
     X(GW_WAL_ERR_CORRUPT, -5, "corrupt", "the log is damaged before its tail; refusing to start") \
     X(GW_WAL_ERR_LOCKED, -6, "locked", "the data directory is in use by another process")          \
     X(GW_WAL_ERR_TOO_BIG, -7, "too_big", "larger than the configured bound")                       \
