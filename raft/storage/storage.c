@@ -1539,9 +1539,9 @@ int gw_wal_sync(struct gw_wal *w, uint64_t *fsync_ns)
             return fail_errno(w, -errno, "fdatasync", name);
         }
         dt = mono_ns() - t0;
+        w->syncs++;
     }
     w->dirty = false;
-    w->syncs++;
     w->last_fsync_ns = dt;
     if (fsync_ns)
         *fsync_ns = dt;
