@@ -27,8 +27,9 @@ static size_t state_bytes(const struct gw_limiter_spec *s)
                                             : gw_sliding_window_state_bytes(&s->sw);
 }
 
-static int mem_limiter_create(const struct gw_limiter_spec *spec, void **out)
+static int mem_limiter_create(void *impl, const struct gw_limiter_spec *spec, void **out)
 {
+  (void)impl;
   if (spec->kind == GW_LIMITER_TOKEN_BUCKET ? gw_token_bucket_config_check(&spec->tb)
                                             : gw_sliding_window_config_check(&spec->sw))
     return GW_POLICY_EINVALID_CONFIG;
@@ -127,13 +128,36 @@ static void mem_limiter_stats(void *p, struct gw_limiter_stats *out)
   pthread_mutex_unlock(&l->mu);
 }
 
+static void mem_limiter_peek(void *p, const void *key, size_t len, uint64_t now_ns,
+                             struct gw_ratelimit_info *info)
+{
+  struct mem_limiter *l = p;
+  memset(info, 0, sizeof(*info));
+  pthread_mutex_lock(&l->mu);
+  void *state = len == 0 ? (l->single_init ? l->single : NULL)
+                         : (gw_key_table_contains(l->keys, key, len)
+                                ? gw_key_table_find(l->keys, key, len)
+                                : NULL);
+  if (l->spec.kind == GW_LIMITER_TOKEN_BUCKET) {
+    info->limit = l->spec.tb.capacity;
+    info->remaining = state ? gw_token_bucket_available(state, &l->spec.tb, now_ns)
+                            : l->spec.tb.capacity;
+  } else {
+    info->limit = l->spec.sw.limit;
+    uint64_t used = state ? gw_sliding_window_count(state, &l->spec.sw, now_ns) : 0;
+    info->remaining = used < l->spec.sw.limit ? l->spec.sw.limit - used : 0;
+  }
+  pthread_mutex_unlock(&l->mu);
+}
+
 struct mem_idem {
   pthread_mutex_t mu;
   struct gw_idem_store *st;
 };
 
-static int mem_idem_create(const struct gw_idem_config *cfg, void **out)
+static int mem_idem_create(void *impl, const struct gw_idem_config *cfg, void **out)
 {
+  (void)impl;
   struct mem_idem *m = calloc(1, sizeof(*m));
   if (!m)
     return GW_POLICY_ENOMEM;
@@ -199,6 +223,7 @@ const struct gw_store_ops gw_store_memory = {
     .limiter_destroy = mem_limiter_destroy,
     .limiter_admit = mem_limiter_admit,
     .limiter_stats = mem_limiter_stats,
+    .limiter_peek = mem_limiter_peek,
     .idem_create = mem_idem_create,
     .idem_destroy = mem_idem_destroy,
     .idem_begin = mem_idem_begin,

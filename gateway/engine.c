@@ -94,6 +94,7 @@ struct req {
   bool suspended;
   struct timespec try_started;
   enum gw_try_result last_result;
+  struct req *mbox_next; /* in the worker's mailbox: a store answered asynchronously */
   int64_t timer_at_ms; /* backoff before the next try */
   size_t heap_idx;     /* position in the worker's timer heap, SIZE_MAX when not in it */
 };
@@ -112,6 +113,8 @@ struct worker {
   struct req *free_reqs;
   size_t free_count;
   struct req *upstreams;
+  pthread_mutex_t mbox_mu; /* requests handed back by other threads (asynchronous stores) */
+  struct req *mbox;
   struct req **timers; /* owned: a binary min-heap of requests waiting out a backoff */
   uint8_t *fd_state;   /* owned: lazy epoll registration of curl's sockets, 2 bytes per fd */
   size_t fd_cap;
@@ -1037,6 +1040,55 @@ static int begin_request(struct req *r)
   return 0;
 }
 
+/* A store answered on its own thread: hand the request back to its worker. */
+static void wake_req(void *ctx)
+{
+  struct req *r = ctx;
+  struct worker *w = r->w;
+  pthread_mutex_lock(&w->mbox_mu);
+  r->mbox_next = w->mbox;
+  w->mbox = r;
+  pthread_mutex_unlock(&w->mbox_mu);
+  uint64_t one = 1;
+  if (write(w->evfd, &one, sizeof(one)) < 0) {
+    /* the worker drains its mailbox at its next turn anyway */
+  }
+}
+
+/* Run the policy chain as far as it goes. In the handler (not yet suspended) an answer is
+ * queued at once; otherwise the connection is resumed with it. */
+static enum MHD_Result continue_pipeline(struct req *r)
+{
+  enum gw_step st = gw_pipeline_begin(&r->p, &r->view, now_ns(), &r->resp);
+  if (st == GW_STEP_ANSWER) {
+    bool in_handler = !r->suspended;
+    complete(r, 0);
+    return in_handler ? send_response(r) : MHD_YES;
+  }
+  r->state = REQ_UPSTREAM;
+  if (!r->suspended) {
+    MHD_suspend_connection(r->conn);
+    r->suspended = true;
+  }
+  if (st == GW_STEP_PROXY)
+    next_try(r);
+  return MHD_YES;
+}
+
+static void drain_mailbox(struct worker *w)
+{
+  pthread_mutex_lock(&w->mbox_mu);
+  struct req *list = w->mbox;
+  w->mbox = NULL;
+  pthread_mutex_unlock(&w->mbox_mu);
+  while (list) {
+    struct req *r = list;
+    list = r->mbox_next;
+    r->mbox_next = NULL;
+    continue_pipeline(r);
+  }
+}
+
 static const char *lookup_header(void *ctx, const char *name)
 {
   struct req *r = ctx;
@@ -1089,16 +1141,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         .ctx = r,
     };
     gw_pipeline_init(&r->p, r->route, now_ns());
+    r->p.wake = wake_req;
+    r->p.wake_ctx = r;
     r->p_active = true;
-    if (gw_pipeline_begin(&r->p, &r->view, now_ns(), &r->resp) == GW_STEP_ANSWER) {
-      gw_pipeline_finish(&r->p, &r->view, GW_TRY_RESPONSE, 0, now_ns(), &r->resp);
-      return send_response(r);
-    }
-    r->state = REQ_UPSTREAM;
-    MHD_suspend_connection(conn);
-    r->suspended = true;
-    next_try(r);
-    return MHD_YES;
+    return continue_pipeline(r);
   case REQ_UPSTREAM:
     return MHD_YES; /* spurious call while suspended */
   case REQ_DONE:
@@ -1287,6 +1333,7 @@ static void *worker_main(void *arg)
         if (read(w->evfd, &v, sizeof(v)) < 0) {
           /* nothing to do: the counter is reset either way */
         }
+        drain_mailbox(w);
       } else if (tag == TAG_CURL) {
         int fd = (int)(uint32_t)evs[i].data.u64;
         uint8_t *st = fd_slot(w, fd);
@@ -1346,6 +1393,7 @@ static int listen_socket(const struct gw_addr *a)
 static int worker_init(struct worker *w, const struct gw_config *cfg)
 {
   w->curl_deadline_ms = -1;
+  pthread_mutex_init(&w->mbox_mu, NULL);
   w->epfd = epoll_create1(EPOLL_CLOEXEC);
   w->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (w->epfd < 0 || w->evfd < 0)

@@ -193,7 +193,7 @@ static int limiter_create(const struct gw_store_ops *store, enum gw_limiter_kind
             fit ? fit : 1, per_key, spec.max_keys);
     spec.max_keys = fit ? fit : 1;
   }
-  return store->limiter_create(&spec, out);
+  return store->limiter_create(NULL, &spec, out);
 }
 
 static void part_unref(struct gw_part *p)
@@ -211,6 +211,7 @@ static struct gw_part *part_new(void *obj, void (*destroy)(void *), const char *
   struct gw_part *p = calloc(1, sizeof(*p));
   if (!p)
     return NULL;
+  p->ops = &gw_store_memory;
   atomic_init(&p->refs, 1);
   pthread_mutex_init(&p->mu, NULL);
   p->obj = obj;
@@ -300,7 +301,7 @@ static int make_idem(const struct gw_route *r, void **o)
                               .max_bytes = IDEM_MAX_BYTES,
                               .ttl_ms = r->idempotency.ttl_ms,
                               .seed = random_key()};
-  return gw_store_memory.idem_create(&ic, o);
+  return gw_store_memory.idem_create(NULL, &ic, o);
 }
 
 static int rt_create(const struct gw_route *r, const struct gw_route_rt *prev,
@@ -402,6 +403,7 @@ void gw_pipeline_init(struct gw_preq *p, const struct gw_route *route, uint64_t 
   p->rt = rt_ref(route->rt);
   p->start_ns = now_ns;
   atomic_fetch_add_explicit(&p->rt->inflight, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&p->rt->requests, 1, memory_order_relaxed);
 }
 
 static bool method_listed(char *const *methods, size_t n, const char *m)
@@ -494,85 +496,197 @@ static void keep_tightest(struct gw_preq *p, const struct gw_ratelimit_info *inf
   }
 }
 
-enum gw_step gw_pipeline_begin(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns,
-                               struct gw_resp *resp)
+static void op_done(struct gw_store_op *op)
+{
+  struct gw_preq *p = op->ctx;
+  p->wake(p->wake_ctx);
+}
+
+enum {
+  ST_IDEM = 0,  /* idempotency: replay, 409, 422 */
+  ST_IDEM_RESULT,
+  ST_LIMIT,     /* the limiters, p->limit_i = 0 (token bucket) then 1 (sliding window) */
+  ST_LIMIT_RESULT,
+  ST_ADMIT,     /* degradation admission and the breaker (local, synchronous) */
+};
+
+/* Stage ST_IDEM: start the idempotency lookup. Returns a step, or -1 to go on. */
+static int idem_start(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns,
+                      struct gw_resp *resp)
 {
   const struct gw_route *r = p->route;
   struct gw_route_rt *rt = p->rt;
-  atomic_fetch_add_explicit(&rt->requests, 1, memory_order_relaxed);
-  p->is_get = strcmp(v->method, "GET") == 0;
-
-  /* 1. Idempotency: replay, 409, 422 (draft-ietf-httpapi-idempotency-key-header). */
-  if (r->idempotency.enabled &&
-      method_listed(r->idempotency.methods, r->idempotency.method_count, v->method)) {
-    const char *key = v->header(v->ctx, r->idempotency.header);
-    switch (gw_idem_key_check(key, key ? strlen(key) : 0, r->idempotency.required)) {
-    case GW_IDEM_KEY_MISSING:
-      gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_MISSING, 0);
-      return GW_STEP_ANSWER;
-    case GW_IDEM_KEY_INVALID:
-      gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_INVALID, 0);
-      return GW_STEP_ANSWER;
-    case GW_IDEM_KEY_ABSENT:
-      break;
-    case GW_IDEM_KEY_VALID: {
-      struct gw_idem_fingerprint fp;
-      enum gw_idem_decision d;
-      gw_idem_fingerprint(v->method, strlen(v->method), v->target, v->target_len, v->body,
-                          v->body_len, &fp);
-      int rc = rt->store->idem_begin(rt->idem->obj, r->name, strlen(r->name), key, strlen(key), &fp,
-                                     now_ns, &d, &p->claim, copy_replay, resp);
-      if (rc) {
-        gw_resp_error(resp, GW_EOVERLOADED, 1);
-        return GW_STEP_ANSWER;
-      }
-      if (d == GW_IDEM_IN_FLIGHT) {
-        gw_resp_error(resp, GW_EIDEMPOTENCY_IN_FLIGHT, 1);
-        return GW_STEP_ANSWER;
-      }
-      if (d == GW_IDEM_MISMATCH) {
-        gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_MISMATCH, 0);
-        return GW_STEP_ANSWER;
-      }
-      if (d == GW_IDEM_REPLAY) {
-        p->replayed = true;
-        atomic_fetch_add_explicit(&rt->replays, 1, memory_order_relaxed);
-        return GW_STEP_ANSWER;
-      }
-      p->idem_claimed = true;
-      break;
-    }
-    }
+  if (!r->idempotency.enabled ||
+      !method_listed(r->idempotency.methods, r->idempotency.method_count, v->method)) {
+    p->stage = ST_LIMIT;
+    return -1;
   }
-
-  /* 2. Rate limits. */
-  void *limiters[2] = {rt->token_bucket ? rt->token_bucket->obj : NULL,
-                       rt->sliding_window ? rt->sliding_window->obj : NULL};
-  const struct gw_limit_key *keys[2] = {&r->token_bucket.key, &r->sliding_window.key};
-  for (int i = 0; i < 2; i++) {
-    if (!limiters[i])
-      continue;
-    struct gw_ratelimit_info info;
-    size_t klen;
-    const char *k = limit_key(keys[i], v, &klen);
-    bool evicted = false;
-    bool ok = rt->store->limiter_admit(limiters[i], k, klen, now_ns, &info, &evicted);
-    if (evicted) {
-      static atomic_ullong evictions;
-      if (atomic_fetch_add_explicit(&evictions, 1, memory_order_relaxed) % 10000 == 0)
-        gw_logf("warn", "route %s: the limiter's key table is full: evicting least recently "
-                        "used keys", r->name);
-    }
-    if (!ok) {
-      p->rl = info;
-      p->rl_set = true;
-      atomic_fetch_add_explicit(&rt->rate_limited, 1, memory_order_relaxed);
-      gw_resp_error(resp, GW_ERATE_LIMITED, info.retry_after_s ? info.retry_after_s : 1);
-      return GW_STEP_ANSWER;
-    }
-    keep_tightest(p, &info);
+  const char *key = v->header(v->ctx, r->idempotency.header);
+  switch (gw_idem_key_check(key, key ? strlen(key) : 0, r->idempotency.required)) {
+  case GW_IDEM_KEY_MISSING:
+    gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_MISSING, 0);
+    return GW_STEP_ANSWER;
+  case GW_IDEM_KEY_INVALID:
+    gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_INVALID, 0);
+    return GW_STEP_ANSWER;
+  case GW_IDEM_KEY_ABSENT:
+    p->stage = ST_LIMIT;
+    return -1;
+  case GW_IDEM_KEY_VALID:
+    break;
   }
+  struct gw_idem_fingerprint fp;
+  gw_idem_fingerprint(v->method, strlen(v->method), v->target, v->target_len, v->body,
+                      v->body_len, &fp);
+  const struct gw_store_ops *ops = rt->idem->ops;
+  memset(&p->op, 0, sizeof(p->op));
+  p->stage = ST_IDEM_RESULT;
+  if (ops->idem_begin_async) {
+    p->op.done = op_done;
+    p->op.ctx = p;
+    int rc = ops->idem_begin_async(rt->idem->obj, r->name, strlen(r->name), key, strlen(key), &fp,
+                                   now_ns, copy_replay, resp, &p->op);
+    if (rc == 0)
+      return GW_STEP_WAIT;
+    p->op.err = rc;
+    return -1;
+  }
+  p->op.err = ops->idem_begin(rt->idem->obj, r->name, strlen(r->name), key, strlen(key), &fp,
+                              now_ns, &p->op.decision, &p->op.claim, copy_replay, resp);
+  return -1;
+}
 
+/* Stage ST_IDEM_RESULT. */
+static int idem_result(struct gw_preq *p, struct gw_resp *resp)
+{
+  struct gw_route_rt *rt = p->rt;
+  if (p->op.err) {
+    /* The records cannot be consulted: executing now could execute twice, so refuse. */
+    gw_resp_error(resp, GW_EOVERLOADED, 1);
+    return GW_STEP_ANSWER;
+  }
+  switch (p->op.decision) {
+  case GW_IDEM_IN_FLIGHT:
+    gw_resp_error(resp, GW_EIDEMPOTENCY_IN_FLIGHT, 1);
+    return GW_STEP_ANSWER;
+  case GW_IDEM_MISMATCH:
+    gw_resp_error(resp, GW_EIDEMPOTENCY_KEY_MISMATCH, 0);
+    return GW_STEP_ANSWER;
+  case GW_IDEM_REPLAY:
+    p->replayed = true;
+    atomic_fetch_add_explicit(&rt->replays, 1, memory_order_relaxed);
+    return GW_STEP_ANSWER;
+  case GW_IDEM_EXECUTE:
+    p->claim = p->op.claim;
+    p->idem_claimed = true;
+    break;
+  }
+  p->stage = ST_LIMIT;
+  p->limit_i = 0;
+  return -1;
+}
+
+static struct gw_part *limiter_part(struct gw_route_rt *rt, int i)
+{
+  return i == 0 ? rt->token_bucket : rt->sliding_window;
+}
+
+/* Stage ST_LIMIT: ask the next limiter. */
+static int limit_start(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns)
+{
+  const struct gw_route *r = p->route;
+  while (p->limit_i < 2 && !limiter_part(p->rt, p->limit_i))
+    p->limit_i++;
+  if (p->limit_i >= 2) {
+    p->stage = ST_ADMIT;
+    return -1;
+  }
+  struct gw_part *part = limiter_part(p->rt, p->limit_i);
+  const struct gw_limit_key *key = p->limit_i == 0 ? &r->token_bucket.key : &r->sliding_window.key;
+  size_t klen;
+  const char *k = limit_key(key, v, &klen);
+  memset(&p->op, 0, sizeof(p->op));
+  p->stage = ST_LIMIT_RESULT;
+  if (part->ops->limiter_admit_async) {
+    p->op.done = op_done;
+    p->op.ctx = p;
+    int rc = part->ops->limiter_admit_async(part->obj, k, klen, now_ns, &p->op);
+    if (rc == 0)
+      return GW_STEP_WAIT;
+    p->op.err = rc;
+    return -1;
+  }
+  p->op.admitted = part->ops->limiter_admit(part->obj, k, klen, now_ns, &p->op.info, &p->op.evicted);
+  return -1;
+}
+
+/* Stage ST_LIMIT_RESULT. */
+static int limit_result(struct gw_preq *p, struct gw_resp *resp)
+{
+  const struct gw_route *r = p->route;
+  struct gw_route_rt *rt = p->rt;
+  if (p->op.evicted) {
+    static atomic_ullong evictions;
+    if (atomic_fetch_add_explicit(&evictions, 1, memory_order_relaxed) % 10000 == 0)
+      gw_logf("warn", "route %s: the limiter's key table is full: evicting least recently used "
+                      "keys", r->name);
+  }
+  if (p->op.err) {
+    /* The shared limit cannot be consulted: fail open, counted (a limiter protects capacity;
+     * refusing everything while its store is down would turn a store outage into an outage). */
+    p->limit_i++;
+    p->stage = ST_LIMIT;
+    return -1;
+  }
+  if (!p->op.admitted) {
+    p->rl = p->op.info;
+    p->rl_set = true;
+    atomic_fetch_add_explicit(&rt->rate_limited, 1, memory_order_relaxed);
+    gw_resp_error(resp, GW_ERATE_LIMITED, p->op.info.retry_after_s ? p->op.info.retry_after_s : 1);
+    return GW_STEP_ANSWER;
+  }
+  keep_tightest(p, &p->op.info);
+  p->limit_i++;
+  p->stage = ST_LIMIT;
+  return -1;
+}
+
+static enum gw_step admit(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns,
+                          struct gw_resp *resp);
+
+enum gw_step gw_pipeline_begin(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns,
+                               struct gw_resp *resp)
+{
+  if (p->stage == ST_IDEM)
+    p->is_get = strcmp(v->method, "GET") == 0;
+  for (;;) {
+    int step = -1;
+    switch (p->stage) {
+    case ST_IDEM:
+      step = idem_start(p, v, now_ns, resp);
+      break;
+    case ST_IDEM_RESULT:
+      step = idem_result(p, resp);
+      break;
+    case ST_LIMIT:
+      step = limit_start(p, v, now_ns);
+      break;
+    case ST_LIMIT_RESULT:
+      step = limit_result(p, resp);
+      break;
+    default:
+      return admit(p, v, now_ns, resp);
+    }
+    if (step >= 0)
+      return (enum gw_step)step;
+  }
+}
+
+static enum gw_step admit(struct gw_preq *p, const struct gw_req_view *v, uint64_t now_ns,
+                          struct gw_resp *resp)
+{
+  const struct gw_route *r = p->route;
+  struct gw_route_rt *rt = p->rt;
   /* 3. Degradation admission (forced, slow, concurrency limit), then the breaker. */
   if (r->degradation.enabled) {
     enum gw_degrade_reason reason;
@@ -705,7 +819,10 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
                                   .headers_len = resp->headers.len,
                                   .body = resp->body.p ? resp->body.p : "",
                                   .body_len = resp->body.len};
-    int rc = rt->store->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns);
+    const struct gw_store_ops *ops = rt->idem->ops;
+    int rc = ops->idem_finish_async
+                 ? ops->idem_finish_async(rt->idem->obj, &p->claim, origin, &ir, now_ns, NULL)
+                 : ops->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns);
     if (rc && rc != GW_POLICY_ESTALE)
       gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
                       "execute again", r->name, gw_policy_strerror(rc));

@@ -39,6 +39,7 @@ struct gw_stale_cache;
 struct gw_part {
   atomic_int refs;
   pthread_mutex_t mu;
+  const struct gw_store_ops *ops; /* the store obj belongs to (limiters, idempotency) */
   void *obj;
   char *json; /* owned: the policy's configuration as written, to tell whether it changed */
   void (*destroy)(void *obj);
@@ -121,11 +122,19 @@ struct gw_preq {
   const char *degraded; /* the Gateway-Degraded reason, or NULL */
   uint32_t tries;
   bool is_get;
+  /* Resuming after a store answered asynchronously: the engine sets wake, which the store's
+   * thread calls; the engine then calls gw_pipeline_begin again on the request's worker. */
+  int stage;
+  int limit_i;
+  struct gw_store_op op;
+  void (*wake)(void *ctx);
+  void *wake_ctx;
 };
 
 enum gw_step {
   GW_STEP_PROXY,  /* go to the upstream */
   GW_STEP_ANSWER, /* answer with *resp (an error, a replay or a fallback) now */
+  GW_STEP_WAIT,   /* a store answers later: p->wake will be called; then call begin again */
 };
 
 /* Reset p for a new request on route. */
