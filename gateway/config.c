@@ -508,8 +508,9 @@ static bool parse_key(struct ctx *c, const cJSON *obj, struct gw_limit_key *out)
 
 static const char *const scope_names[] = {"local", "cluster", NULL};
 
-static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_token_bucket_conf *tb)
+static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_token_bucket_conf *tb = &route->token_bucket;
   static const char *const keys[] = {"capacity", "refill_per_sec", "key", "scope", "max_keys",
                                      NULL};
   if (!check_object(c, o, NULL, keys))
@@ -525,8 +526,9 @@ static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_token_bu
   tb->scope = (enum gw_scope)scope;
 }
 
-static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_sliding_window_conf *sw)
+static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_sliding_window_conf *sw = &route->sliding_window;
   static const char *const keys[] = {"limit", "window_ms", "key", "scope", "max_keys", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
@@ -544,8 +546,9 @@ static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_slidin
   sw->scope = (enum gw_scope)scope;
 }
 
-static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf *bc)
+static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_breaker_conf *bc = &route->breaker;
   static const char *const keys[] = {"window",        "window_size",      "min_calls",
                                      "failure_rate",  "slow_call_ms",     "slow_call_rate",
                                      "open_ms",       "half_open_calls",  "failure_statuses",
@@ -583,8 +586,9 @@ static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_breaker_conf 
     fail(c, "min_calls", "must not exceed window_size for a count window");
 }
 
-static void parse_retry(struct ctx *c, const cJSON *o, struct gw_retry_conf *rc)
+static void parse_retry(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_retry_conf *rc = &route->retry;
   static const char *const keys[] = {"max_attempts",       "base_ms",       "max_backoff_ms",
                                      "jitter",             "per_try_timeout_ms", "on",
                                      "statuses",           "budget_percent", "budget_min_per_sec",
@@ -671,8 +675,9 @@ static void parse_fallback(struct ctx *c, const cJSON *o, struct gw_degradation_
   d->c.has_fallback = true;
 }
 
-static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_degradation_conf *d)
+static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_degradation_conf *d = &route->degradation;
   static const char *const keys[] = {"fallback", "on", "max_concurrent", "slow_ms",
                                      "slow_window_ms", "stale_if_error_ms", NULL};
   static const char *const ons[] = {"circuit_open", "upstream_error", "shed", "slow",
@@ -693,8 +698,9 @@ static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_degradati
   get_int(c, o, "stale_if_error_ms", 0, 86400000ull * 30, false, &d->c.stale_if_error_ms);
 }
 
-static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_idempotency_conf *ic)
+static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
+  struct gw_idempotency_conf *ic = &route->idempotency;
   static const char *const keys[] = {"header", "methods", "ttl_ms", "required", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
@@ -724,43 +730,31 @@ static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_idempoten
   get_bool(c, o, "required", &ic->required);
 }
 
+/* The policies of section 2, each parsed by its own function. */
+static const struct {
+  const char *name;
+  void (*parse)(struct ctx *c, const cJSON *o, struct gw_route *r);
+} policy_parsers[] = {
+    {"token_bucket", parse_token_bucket}, {"sliding_window", parse_sliding_window},
+    {"circuit_breaker", parse_breaker},   {"retry", parse_retry},
+    {"degradation", parse_degradation},   {"idempotency", parse_idempotency},
+};
+#define POLICY_COUNT (sizeof(policy_parsers) / sizeof(policy_parsers[0]))
+
 static void parse_policies(struct ctx *c, const cJSON *o, struct gw_route *r)
 {
-  static const char *const keys[] = {"token_bucket", "sliding_window", "circuit_breaker",
-                                     "retry",        "degradation",    "idempotency",
-                                     NULL};
+  const char *keys[POLICY_COUNT + 1];
+  for (size_t i = 0; i < POLICY_COUNT; i++)
+    keys[i] = policy_parsers[i].name;
+  keys[POLICY_COUNT] = NULL;
   if (!check_object(c, o, NULL, keys))
     return;
-  const cJSON *v;
-  size_t old;
-  if ((v = get(o, "token_bucket"))) {
-    old = push(c, "token_bucket");
-    parse_token_bucket(c, v, &r->token_bucket);
-    pop(c, old);
-  }
-  if ((v = get(o, "sliding_window"))) {
-    old = push(c, "sliding_window");
-    parse_sliding_window(c, v, &r->sliding_window);
-    pop(c, old);
-  }
-  if ((v = get(o, "circuit_breaker"))) {
-    old = push(c, "circuit_breaker");
-    parse_breaker(c, v, &r->breaker);
-    pop(c, old);
-  }
-  if ((v = get(o, "retry"))) {
-    old = push(c, "retry");
-    parse_retry(c, v, &r->retry);
-    pop(c, old);
-  }
-  if ((v = get(o, "degradation"))) {
-    old = push(c, "degradation");
-    parse_degradation(c, v, &r->degradation);
-    pop(c, old);
-  }
-  if ((v = get(o, "idempotency"))) {
-    old = push(c, "idempotency");
-    parse_idempotency(c, v, &r->idempotency);
+  for (size_t i = 0; i < POLICY_COUNT; i++) {
+    const cJSON *v = get(o, policy_parsers[i].name);
+    if (!v)
+      continue;
+    size_t old = push(c, "%s", policy_parsers[i].name);
+    policy_parsers[i].parse(c, v, r);
     pop(c, old);
   }
 }
