@@ -576,6 +576,91 @@ class AdminApiTest(AdminCase):
         self.assertEqual(st3["token_bucket"]["limit"], 50, st3)
         self.assertEqual(st3["token_bucket"]["remaining"], 50, st3)
 
+    @unittest.expectedFailure  # gateway bug: a policy change drops the degrade override
+    def test_policy_change_keeps_the_overrides_of_unchanged_policies(self):
+        pol = {"circuit_breaker": BREAKER,
+               "degradation": {"fallback": FALLBACK, "on": ["upstream_error"]}}
+        self.put_ok("ovr", route("ovr", "/ovr", [self.u1], policies=pol))
+        self.assertEqual(self.admin.breaker("ovr", "open").status, 200)
+        self.assertEqual(self.admin.degrade("ovr", "forced").status, 200)
+        # another policy is added; the breaker and degradation policies are as they were
+        pol2 = dict(pol, token_bucket={"capacity": 100, "refill_per_sec": 1})
+        self.put_ok("ovr", route("ovr", "/ovr", [self.u1], policies=pol2))
+        s = self.admin.state("ovr")
+        self.assertEqual(s["breaker"]["mode"], "forced_open", s)
+        self.assertEqual(s["degradation"]["mode"], "forced", s)
+        r = self.gw.get("/ovr/x")
+        self.assertEqual(r.header("Gateway-Degraded"), "forced", r)
+
+    def test_changes_under_traffic(self):
+        """Route PUTs (policies changing each time), overrides, state, /metrics and traffic
+        all at once: every answer is a valid one and the gateway stays up (and clean under a
+        sanitizer)."""
+        pols = [{"circuit_breaker": BREAKER, "token_bucket": {"capacity": 100000,
+                                                              "refill_per_sec": 1000}},
+                {"circuit_breaker": dict(BREAKER, min_calls=3), "idempotency": {},
+                 "degradation": {"fallback": FALLBACK, "on": ["circuit_open"]}},
+                {"sliding_window": {"limit": 100000, "window_ms": 1000},
+                 "retry": {"max_attempts": 2, "statuses": [503]}}]
+        self.put_ok("churn", route("churn", "/churn", [self.u1], policies=pols[0]))
+        stop = threading.Event()
+        problems = []
+        counts = {"traffic": 0, "puts": 0, "reads": 0}
+
+        def guard(fn):
+            def run():
+                try:
+                    while not stop.is_set():
+                        fn()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    problems.append(repr(e))
+            return run
+
+        def traffic():
+            r = self.gw.get("/churn/%d" % counts["traffic"], timeout=slow(10))
+            counts["traffic"] += 1
+            if r.status not in (200, 503) or (r.status == 503 and
+                                               error_code(r) != "circuit_open"):
+                problems.append(("traffic", r))
+
+        def puts():
+            i = counts["puts"]
+            counts["puts"] += 1
+            up = self.u1 if i % 2 else self.u2
+            r = self.admin.put_route("churn", route("churn", "/churn", [up],
+                                                    policies=pols[i % len(pols)]))
+            if r.status != 200:
+                problems.append(("put", r))
+            for path, body in (("breaker", {"state": ("open", "auto", "closed")[i % 3]}),
+                               ("degrade", {"mode": ("forced", "auto")[i % 2]})):
+                r = self.admin.call("POST", "/admin/routes/churn/" + path, body=body)
+                if r.status not in (200, 409):
+                    problems.append((path, r))
+
+        def reads():
+            counts["reads"] += 1
+            r = self.admin.get("/admin/routes/churn/state")
+            if r.status != 200:
+                problems.append(("state", r))
+            text, _ = self.admin.metrics_text()
+            parse_exposition(text)
+            if self.admin.get("/admin/routes").status != 200:
+                problems.append("routes")
+        ts = [threading.Thread(target=guard(f), daemon=True)
+              for f in (traffic, traffic, puts, reads)]
+        for t in ts:
+            t.start()
+        time.sleep(slow(3.0))
+        stop.set()
+        for t in ts:
+            t.join(slow(20))
+        self.assertTrue(self.gw.proc.alive(), self.gw.log()[-3000:])
+        self.assertEqual(problems[:5], [])
+        self.assertGreater(counts["puts"], 5, counts)
+        self.assertGreater(counts["traffic"], 20, counts)
+        self.assertEqual(self.admin.delete_route("churn").status, 204)
+        self.settle()
+
     def test_delete_route(self):
         self.put_ok("gone", route("gone", "/gone", [self.u1]))
         self.assertEqual(self.gw.get("/gone/1").status, 200)
