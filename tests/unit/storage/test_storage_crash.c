@@ -162,8 +162,8 @@ static bool matches(const struct gw_wal_recovered *rec, const struct mstate *c)
         return false;
     if (c->last < c->first)
         return rec->n_entries == 0;
-    if (rec->n_entries == 0)
-        return false;
+    if (rec->n_entries == 0) /* all of it compacted away: only if the snapshot covers it all */
+        return c->snap_index >= c->last;
     uint64_t f = rec->entries[0].index, l = f + rec->n_entries - 1;
     if (l != c->last || f < c->first || f > (c->snap_index + 1 > c->first ? c->snap_index + 1 : c->first))
         return false;
@@ -454,7 +454,8 @@ static void every_crash_state_recovers_to_a_state_the_log_went_through(void **st
     printf("%d crash states recovered and matched, %d of them with a torn tail; %d writes failed "
            "on purpose\n",
            total_crashes, total_torn, total_failed);
-    assert_true(total_torn > 0 && total_crashes > total_torn && total_failed > 0);
+    if (!one) /* the default seeds must exercise every kind of crash */
+        assert_true(total_torn > 0 && total_crashes > total_torn && total_failed > 0);
 }
 
 int main(void)
