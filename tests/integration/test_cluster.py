@@ -293,6 +293,49 @@ class TestEndpoints(ClusterTest):
         self.assertLess(dt, slow(5.0))
         self.assertEqual(n[2].req("DELETE", "/v1/locks/wt?token=%d" % h["token"]).status, 204)
 
+    # known gap: a follower forwards a /v1 request to the leader with a fixed 20 s timeout
+    # (gateway/control.c), shorter than the longest wait_ms API.md allows (60000). A waiter
+    # that came through a follower is answered 503 outcome_unknown after 20 s while it stays
+    # queued on the leader, and is later granted the lock that its client believes it lost.
+    @unittest.expectedFailure
+    def test_long_wait_through_a_follower(self):
+        leader = self.c.leader()
+        self.assertIsNotNone(leader)
+        f = self.c.followers(leader)[0]
+        name = "long-wait"
+        h = self.ok(leader.req("POST", "/v1/locks/" + name, {"owner": "h", "ttl_ms": 60000}))
+        out = []
+
+        def waiter():
+            try:
+                out.append(f.req("POST", "/v1/locks/" + name,
+                                 {"owner": "w", "ttl_ms": 60000, "wait_ms": 30000},
+                                 timeout=60.0))
+            except Exception as e:  # reported below
+                out.append(e)
+        t = threading.Thread(target=waiter)
+        t0 = time.monotonic()
+        t.start()
+        try:
+            wait_until(lambda: out, 21.0, 0.1)
+            early = list(out)
+            self.assertEqual(leader.req("DELETE", "/v1/locks/%s?token=%d"
+                                        % (name, h["token"])).status, 204)
+            t.join(slow(10.0))
+            self.assertEqual(early, [], "the waiter was answered after %.1f s, before the lock "
+                             "was released or its wait_ms ran out: %r"
+                             % (time.monotonic() - t0, early))
+            self.assertTrue(out, "no answer for the waiter after the release")
+            r = out[0]
+            self.assertEqual(getattr(r, "status", None), 200, r)
+            self.assertEqual(r.json()["owner"], "w")
+            self.assertGreater(r.json()["token"], h["token"])
+        finally:
+            t.join(40.0)
+            g = leader.req("GET", "/v1/locks/" + name)
+            if g.status == 200:
+                leader.req("DELETE", "/v1/locks/%s?token=%d" % (name, g.json()["token"]))
+
     def test_counters_every_node(self):
         nodes = self.c.nodes
         for i, n in enumerate(nodes):
@@ -884,9 +927,11 @@ class TestWalRecovery(ClusterTest):
 
     def write_some(self, c, name, k):
         v = None
+        nodes = c.running()
+        client = RetryingClient(nodes, slow(20.0))
         for i in range(k):
-            n = c.running()[i % len(c.running())]
-            r = n.req("POST", "/v1/counters/" + name, {"add": 1})
+            key = "%s-%d-%d" % (name, time.monotonic_ns(), i)
+            r, _ = client.call("POST", "/v1/counters/" + name, {"add": 1}, key=key, start=i)
             self.assertEqual(r.status, 200, r)
             v = r.json()["value"]
         return v
@@ -1027,14 +1072,31 @@ class TestFullDisk(ClusterTest):
         # Unmounted after the cluster's processes are gone.
         c.on_close(lambda: umount(node.data_dir))
 
-    def test_too_small_for_a_segment_refuses_to_start(self):
+    def test_disk_too_small_for_the_log(self):
+        """A 2 MiB disk cannot hold one preallocated segment: the node either refuses to start
+        with a clear message or runs and refuses writes with 507; it never acknowledges one."""
         c = self.new_cluster(n=1, clustered=False)
         n = c.nodes[0]
         self.mount_for(c, n, 2 << 20)
-        rc, out = n.run_to_exit(timeout=slow(15.0))
-        self.assertIsNotNone(rc, "a node without room for its log kept running")
-        self.assertNotEqual(rc, 0)
-        self.assertRegex(out, r"(?i)no space left|disk.?full", out)
+        n.start(wait=False)
+
+        def settled():
+            return (not n.alive()) or n.healthy()
+        try:
+            wait_until(settled, slow(15.0))
+        except RuntimeError:
+            pass  # exited meanwhile
+        if not n.alive():
+            rc = n.stop()
+            self.assertNotEqual(rc, 0, "exited 0 without a usable log")
+            self.assertRegex(n.log(), r"(?i)no space left|disk.?full", n.tail())
+            return
+        r = n.req("POST", "/v1/counters/tiny", {"add": 1}, timeout=slow(15.0))
+        self.assertNotEqual(r.status, 200, "a write was acknowledged without a log: %r" % (r,))
+        if r.status == 507:
+            self.assertError(r, 507, "disk_full")
+        else:
+            self.assertError(r, 503, "no_leader")
 
     def test_full_disk_refuses_writes_and_loses_nothing(self):
         c = self.new_cluster(snapshot_every=50)
@@ -1051,8 +1113,9 @@ class TestFullDisk(ClusterTest):
             """One increment through node: 'ok', 'full' (507), or fails the test."""
             nonlocal acked, refused
             key_seq[0] += 1
-            r = node.req("POST", "/v1/counters/disk", {"add": 1},
-                         headers=[("Idempotency-Key", "d-%d" % key_seq[0])])
+            # A 503 (no leader yet, outcome unknown) is retried with the same key.
+            r, _ = RetryingClient([node], slow(20.0)).call(
+                "POST", "/v1/counters/disk", {"add": 1}, key="d-%d" % key_seq[0])
             if r.status == 200:
                 acked += 1
                 self.assertEqual(r.json()["value"], acked, "counter skipped or lost a write")
@@ -1079,11 +1142,8 @@ class TestFullDisk(ClusterTest):
 
         # Phase 2: the node misses enough entries that it can only catch up by a snapshot,
         # which it has no room to write: it must refuse writes rather than acknowledge them.
-        if c.leader() is n3:
-            n3.stop()
-            c.wait_ready(nodes=c.nodes[:2], timeout=slow(10.0))
-        else:
-            self.assertEqual(n3.stop(), 0)
+        self.assertEqual(n3.stop(), 0)
+        self.assertIsNotNone(c.leader(timeout=slow(10.0)), "no leader without the full node")
         for i in range(150):
             self.assertEqual(inc(c.nodes[i % 2]), "ok")
         n3.start()
