@@ -224,7 +224,7 @@ struct redis {
   /* I/O thread only. */
   redisAsyncContext *ac;
   int fd;
-  uint32_t ev_mask;
+  uint32_t ev_mask, ev_armed;
   bool fd_added, connecting, io_stopping;
   uint64_t connect_deadline_ns, retry_at_ns, backoff_ns, last_reply_ns;
   struct req *p_head, *p_tail; /* sent and awaiting a reply, in deadline order */
@@ -778,9 +778,10 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
 /* ---- the I/O thread: the connection ---- */
 
+/* hiredis asks for write interest on every command: touch epoll only when the mask changes. */
 static void ev_update(struct redis *r)
 {
-  if (r->fd < 0)
+  if (r->fd < 0 || (r->fd_added && r->ev_mask == r->ev_armed))
     return;
   struct epoll_event ev = {.events = r->ev_mask, .data.u32 = 1};
   if (!r->fd_added) {
@@ -789,6 +790,7 @@ static void ev_update(struct redis *r)
   } else {
     epoll_ctl(r->epfd, EPOLL_CTL_MOD, r->fd, &ev);
   }
+  r->ev_armed = r->ev_mask;
 }
 
 static void ev_add_read(void *p)
@@ -1034,6 +1036,9 @@ static void *io_main(void *arg)
         ssize_t got = read(r->evfd, &v, sizeof(v));
         (void)got;
         drain_queue(r);
+        /* Write the batch now rather than after one more epoll round for EPOLLOUT. */
+        if (r->ac && !r->connecting && (r->ev_mask & EPOLLOUT))
+          redisAsyncHandleWrite(r->ac);
         continue;
       }
       uint32_t e = evs[i].events;
