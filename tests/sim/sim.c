@@ -169,7 +169,7 @@ struct node {
     /* checker state */
     uint64_t last_commit;
     uint64_t lead_term, lead_last, lead_last_term;
-    uint64_t lm_index, lm_term;
+    uint64_t lm_index, lm_term, lm_snap;
     uint64_t commit_term; /* term in which it last advanced commit as leader */
 };
 
@@ -411,7 +411,9 @@ static void check_log_matching(struct sim *s, struct node *nd, const struct raft
      * (index, term) then share the whole prefix. */
     uint64_t from = st->first_index;
     uint64_t t;
-    if (nd->lm_index >= from && nd->lm_index <= st->last_index &&
+    /* Incremental: only what follows the last entry checked, unless that entry changed or the
+     * log's start moved (a snapshot can replace the prefix under an unchanged tail). */
+    if (nd->lm_index >= from && nd->lm_index <= st->last_index && nd->lm_snap == st->snapshot_index &&
         raft_term_at(nd->r, nd->lm_index, &t) && t == nd->lm_term)
         from = nd->lm_index + 1;
     for (uint64_t i = from; i <= st->last_index; i++) {
@@ -439,6 +441,7 @@ static void check_log_matching(struct sim *s, struct node *nd, const struct raft
         }
     }
     nd->lm_index = st->last_index;
+    nd->lm_snap = st->snapshot_index;
     nd->lm_term = 0;
     raft_term_at(nd->r, st->last_index, &nd->lm_term);
 }
