@@ -722,6 +722,18 @@ class MembershipTest(ClusterCase):
         self.assertTrue(wait_until(no_leader, slow(15.0)), rest[0].tail())
         st = rest[0].status()
         self.assertIsNone(st["leader"], st)
+        # without a leader a route change is refused, and the local table still reads
+        v = rest[0].api("GET", "/admin/routes").json()["version"]
+        t0 = time.monotonic()
+        r = rest[0].api("PUT", "/admin/routes/nl", body=route("nl", "/nl", [self.up]),
+                        timeout=slow(30.0))
+        self.assertEqual((r.status, error_code(r)), (503, "no_leader"), r)
+        self.assertTrue((r.header("Retry-After") or "").isdigit(), r)
+        self.assertLess(time.monotonic() - t0, slow(15.0))
+        doc = rest[0].api("GET", "/admin/routes").json()
+        self.assertEqual(doc["version"], v)
+        self.assertNotIn("nl", [x["name"] for x in doc["routes"]])
+        self.assertEqual(rest[0].proxy("/echo/x").status, 200)
 
 
 if __name__ == "__main__":
