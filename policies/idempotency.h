@@ -30,8 +30,10 @@
  * Records are never evicted before their TTL, since that would silently allow a second execution.
  *
  * One TTL per store (completed records expire in completion order, so reclaiming is O(1) per
- * record); the
- * gateway keeps one store per route or per TTL. Not thread-safe: one lock around each call.
+ * record); the gateway keeps one store per route or per TTL. An in-flight record never expires,
+ * so every claim must end in gw_idem_finish (or complete / release): a claim that is never ended
+ * holds its key, and a record slot, for the life of the store. Not thread-safe: one lock around
+ * each call.
  * Allocation: one block per record (plus one per stored response), owned by the store.
  */
 #ifndef GW_IDEMPOTENCY_H

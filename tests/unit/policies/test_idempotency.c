@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include "idempotency.h"
+#include "rng.h"
 
 #define S GW_NS_PER_S
 #define MS GW_NS_PER_MS
@@ -330,6 +331,85 @@ static void expire_sweeps_in_completion_order_and_frees_bytes(void **state)
   gw_idem_destroy(st);
 }
 
+/* Random operations against a model of one record per key: decisions and claims must agree.
+ * A double finish of one claim is also tried: it must be refused as stale. */
+static void random_operations_match_a_record_model(void **state)
+{
+  enum { KEYS = 6, FPS = 2, OUT = 8 };
+  struct model_rec {
+    int state; /* 0 absent, 1 in flight, 2 completed */
+    int fp;
+    uint64_t expires;
+    int status;
+    uint64_t owner; /* claim id of the in-flight record */
+  } m[KEYS] = {{0}};
+  struct pending {
+    int key;
+    struct gw_idem_claim claim;
+  } out[OUT];
+  int nout = 0;
+  struct gw_idem_fingerprint fps[FPS] = {fp_of("POST", "/a", "1"), fp_of("POST", "/a", "2")};
+  struct gw_idem_store *st = make(100, 1 << 20, 1000);
+  struct gw_rng rng;
+  gw_rng_seed(&rng, 2718);
+  uint64_t now = T0;
+  for (int step = 0; step < 20000; step++) {
+    now += gw_rng_below(&rng, 60 * MS);
+    int k = (int)gw_rng_below(&rng, KEYS);
+    char key[4] = {'k', (char)('0' + k), 0};
+    for (int i = 0; i < KEYS; i++) /* completed records live ttl_ms; claims as long as needed */
+      if (m[i].state == 2 && m[i].expires <= now)
+        m[i].state = 0;
+    if (gw_rng_below(&rng, 2) == 0 || nout == 0) {
+      int f = (int)gw_rng_below(&rng, FPS);
+      struct outcome o = begin(st, "r", key, fps[f], now);
+      assert_int_equal(o.rc, 0);
+      if (m[k].state == 0) {
+        assert_int_equal(o.decision, GW_IDEM_EXECUTE);
+        m[k] = (struct model_rec){1, f, UINT64_MAX, 0, o.claim.id};
+        if (nout < OUT) {
+          out[nout++] = (struct pending){k, o.claim};
+        } else {
+          assert_int_equal(gw_idem_release(st, &o.claim), 0);
+          m[k].state = 0;
+        }
+      } else if (m[k].fp != f) {
+        assert_int_equal(o.decision, GW_IDEM_MISMATCH);
+      } else if (m[k].state == 1) {
+        assert_int_equal(o.decision, GW_IDEM_IN_FLIGHT);
+      } else {
+        assert_int_equal(o.decision, GW_IDEM_REPLAY);
+        assert_int_equal(o.replay.status, m[k].status);
+      }
+    } else {
+      int i = (int)gw_rng_below(&rng, (uint64_t)nout);
+      struct pending p = out[i];
+      out[i] = out[--nout];
+      enum gw_idem_origin origin = (enum gw_idem_origin)gw_rng_below(&rng, 3);
+      int status = 200 + (int)gw_rng_below(&rng, 300);
+      struct gw_idem_response resp = {status, "h", 1, "body", 4};
+      /* A pending claim always owns its record: in-flight records do not expire. */
+      bool owns = m[p.key].state == 1 && m[p.key].owner == p.claim.id;
+      int rc = gw_idem_finish(st, &p.claim, origin, &resp, now);
+      if (!owns) {
+        assert_int_equal(rc, GW_POLICY_ESTALE);
+      } else {
+        assert_int_equal(rc, 0);
+        if (gw_idem_should_store(origin)) {
+          m[p.key].state = 2;
+          m[p.key].status = status;
+          m[p.key].expires = now + 1000 * MS;
+        } else {
+          m[p.key].state = 0;
+        }
+      }
+      assert_true(owns);
+      assert_int_equal(gw_idem_finish(st, &p.claim, origin, &resp, now), GW_POLICY_ESTALE);
+    }
+  }
+  gw_idem_destroy(st);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -350,6 +430,7 @@ int main(void)
       cmocka_unit_test(record_limit_refuses_new_claims_until_records_expire),
       cmocka_unit_test(byte_limit_refuses_responses_that_do_not_fit),
       cmocka_unit_test(expire_sweeps_in_completion_order_and_frees_bytes),
+      cmocka_unit_test(random_operations_match_a_record_model),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
