@@ -26,8 +26,13 @@
  * is a per-instance random base plus a counter; the node keeps claim id -> Redis key for its own
  * claims in flight, since gw_idem_claim carries no key. A begin or finish that failed after it
  * was sent may still have claimed the key in Redis, so the node queues a compare-and-delete of
- * its claim behind it (or after the next connect): a failure never blocks a key for the long PX
- * unless the node itself dies.
+ * its claim behind it (or after the next connect; at most ORPHANS_MAX kept). A key stays blocked
+ * for the long PX only if the node dies mid-request, or in one narrow case: a Redis that stalled
+ * and was dropped may, once it resumes, run the begin still buffered from the old connection
+ * after the release sent on the new one.
+ *
+ * Long limiter keys are hashed with SipHash under fixed keys (not the spec's per-process seed),
+ * so every node maps a client to the same Redis key.
  */
 #include "redis.h"
 
@@ -57,6 +62,7 @@
 #define CLAIM_SAFETY_MS UINT64_C(3600000)
 #define BACKOFF_MIN_NS (25 * GW_NS_PER_MS)
 #define BACKOFF_MAX_NS (1000 * GW_NS_PER_MS)
+#define CONNECT_MIN_NS (500 * GW_NS_PER_MS)
 #define ORPHANS_MAX 4096 /* claim releases kept while disconnected */
 #define RELEASE_TRIES 3
 #define INFLIGHT_LEN 25 /* 'F' + 16 + 8 */
@@ -943,7 +949,10 @@ static void start_connect(struct redis *r)
   ac->ev.delWrite = ev_del_write;
   ac->ev.cleanup = ev_cleanup;
   r->connecting = true;
-  r->connect_deadline_ns = mono_ns() + r->timeout_ns;
+  /* Requests never wait for a connection attempt (they are refused while down), so it may take
+   * longer than one operation's timeout on a busy network. */
+  r->connect_deadline_ns =
+      mono_ns() + (r->timeout_ns > CONNECT_MIN_NS ? r->timeout_ns : CONNECT_MIN_NS);
   redisAsyncSetDisconnectCallback(ac, on_disconnect);
   redisAsyncSetConnectCallback(ac, on_connect); /* arms the first write event */
 }

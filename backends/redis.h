@@ -45,9 +45,10 @@
 
 /*
  * Starts an instance for url, `redis://[[user:]password@]host[:port][/db]` (port 6379, db 0 by
- * default), with timeout_ms (>= 1) for every operation and for a connection attempt. Waits up to
- * timeout_ms for the first connection, but succeeds even if Redis is down then (the instance
- * keeps reconnecting; gw_store_redis_connected tells). *impl owns the instance.
+ * default), with timeout_ms (1..3600000) for every operation; a connection attempt may take
+ * max(timeout_ms, 500 ms). Waits up to timeout_ms for the first connection, but succeeds even if
+ * Redis is down then (the instance keeps reconnecting; gw_store_redis_connected tells). *impl
+ * owns the instance.
  * Errors: GW_STORE_REDIS_EURL, GW_STORE_REDIS_ESYS, GW_POLICY_ENOMEM, GW_POLICY_EINVALID_CONFIG;
  * errbuf (may be NULL) gets one sentence.
  */
