@@ -1038,6 +1038,23 @@ class AdminApiTest(AdminCase):
         self.assertEqual(sample(m2, "gateway_breaker_state", route="mx3"), 0)
         self.assertEqual(sample(m2, "gateway_breaker_transitions_total", route="mx3",
                                 to="closed"), 1)
+        # the other degradation reasons: an upstream error, an open circuit with a fallback
+        self.u1.fail(count=1, status=500)
+        r = self.gw.get("/mx3/c")
+        self.assertEqual((r.status, r.header("Gateway-Degraded")), (200, "upstream_error"), r)
+        co0 = sample(m2, "gateway_degraded_total", route="orders", reason="circuit_open")
+        self.assertEqual(self.admin.breaker("orders", "open").status, 200)
+        try:
+            r = self.gw.get("/api/orders/metrics")
+            self.assertEqual(r.header("Gateway-Degraded"), "circuit_open", r)
+        finally:
+            self.assertEqual(self.admin.breaker("orders", "auto").status, 200)
+        m3 = self.metrics()
+        self.assertEqual(sample(m3, "gateway_degraded_total", route="mx3",
+                                reason="upstream_error"), 1)
+        self.assertEqual(sample(m3, "gateway_degraded_total", route="mx3", reason="forced"), 1)
+        self.assertEqual(sample(m3, "gateway_degraded_total", route="orders",
+                                reason="circuit_open"), co0 + 1)
         # raft
         self.assertGreaterEqual(sample(m1, "gateway_raft_term"), 1)
         self.assertEqual(sample(m1, "gateway_raft_is_leader"), 1)
