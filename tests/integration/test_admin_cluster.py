@@ -65,9 +65,11 @@ class Node:
         return {"id": self.id, "raft": "127.0.0.1:%d" % self.raft_port,
                 "api": "127.0.0.1:%d" % self.api_port}
 
-    def write_config(self, peers, routes, join=False):
+    def write_config(self, peers, routes, join=False, snapshot_every=None):
         cluster = {"raft_listen": "127.0.0.1:%d" % self.raft_port, "peers": peers,
                    "election_timeout_ms": ELECTION_MS, "heartbeat_ms": HEARTBEAT_MS}
+        if snapshot_every:
+            cluster["snapshot_every"] = snapshot_every
         if join:
             cluster["join"] = True
         cfg = {"node": {"id": self.id, "listen": "127.0.0.1:%d" % self.port,
@@ -135,6 +137,8 @@ class Node:
 class ClusterCase(unittest.TestCase):
     """A 3-node cluster and one upstream, per test class."""
 
+    SNAPSHOT_EVERY = None
+
     @classmethod
     def setUpClass(cls):
         harness.require_binaries()
@@ -148,7 +152,7 @@ class ClusterCase(unittest.TestCase):
             cls.nodes = [Node(cls.workdir, "n%d" % i) for i in (1, 2, 3)]
             peers = [n.peer() for n in cls.nodes]
             for n in cls.nodes:
-                n.write_config(peers, cls.routes)
+                n.write_config(peers, cls.routes, snapshot_every=cls.SNAPSHOT_EVERY)
                 n.start()
             for n in cls.nodes:
                 if not wait_until(n.healthy, harness.START_TIMEOUT_S):
@@ -573,6 +577,9 @@ class Writers:
 
 
 class MembershipTest(ClusterCase):
+    # Small, so the log is compacted before the new member joins: it gets a snapshot, which
+    # must carry the member table, the route table and the counters.
+    SNAPSHOT_EVERY = 50
 
     def test_1_add_transfer_remove_while_writing(self):
         base = list(self.nodes)
@@ -580,12 +587,21 @@ class MembershipTest(ClusterCase):
         self.extra.append(n4)
         # its file names a route of its own: the cluster's table must win
         n4.write_config([n.peer() for n in base] + [n4.peer()],
-                        [route("n4only", "/n4only", [self.up])], join=True)
+                        [route("n4only", "/n4only", [self.up])], join=True,
+                        snapshot_every=self.SNAPSHOT_EVERY)
         writers = Writers(base, threads=3)
         writers.start()
         stopped = False
         try:
-            time.sleep(slow(0.5))
+            # enough writes that every node has taken a snapshot and compacted its log
+            def snapshotted():
+                for n in base:
+                    text = harness.request(n.api_port, "GET", "/metrics").body.decode()
+                    if sample(parse_exposition(text), "gateway_raft_snapshots_total") < 1:
+                        return False
+                return True
+            self.assertTrue(wait_until(snapshotted, slow(30.0), 0.2),
+                            "no snapshots after %d writes" % writers.total())
             n4.start()
             self.assertTrue(wait_until(n4.healthy, harness.START_TIMEOUT_S), n4.tail())
             # before it is added it knows no leader
