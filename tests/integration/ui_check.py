@@ -45,8 +45,9 @@ class WebSocket:
     def __init__(self, host, port, path, timeout):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path, host, port, key))
+        req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n" % (path, host, port, key))
         self.sock.sendall(req.encode())
         head = b""
         while b"\r\n\r\n" not in head:
@@ -301,7 +302,8 @@ def main(argv):
     with Browser() as b:
         b.dialog_answer = a.token
         if a.token:
-            b.on_new_document("try{sessionStorage.setItem('gwtoken', %s);}catch(e){}" % json.dumps(a.token))
+            b.on_new_document("try{sessionStorage.setItem('gwtoken', %s);}catch(e){}" %
+                              json.dumps(a.token))
         b.navigate(a.url)
         b.wait_for("document.querySelectorAll('#routes tbody tr').length > 0", a.wait)
         print(json.dumps({"routes": b.evaluate(ROUTES_JS), "error": b.evaluate(ERROR_JS),
