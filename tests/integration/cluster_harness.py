@@ -55,6 +55,11 @@ class Node:
         self.starts = 0
         self.exit_codes = []
 
+    def new_ports(self):
+        self.port = free_port()
+        self.api_port = free_port()
+        self.raft_port = free_port()
+
     # ---- configuration ----
 
     def peer(self):
@@ -251,13 +256,27 @@ class Cluster:
         self._cleanups.append(fn)
 
     def start(self, nodes=None):
-        """Starts the given nodes (default all) without waiting, then waits for /healthz on each."""
+        """Starts the given nodes (default all) without waiting, then waits for /healthz on each.
+
+        The first start of the whole cluster is retried on fresh ports when a port was taken
+        meanwhile by another process (nothing is on disk yet, so nothing is lost)."""
+        first = nodes is None and all(n.starts == 0 for n in self.nodes)
         nodes = self.nodes if nodes is None else nodes
-        for n in nodes:
-            n.start(wait=False)
-        for n in nodes:
-            if not wait_until(n.healthy, START_TIMEOUT_S, 0.05):
-                raise RuntimeError("node %s not serving /healthz: %s" % (n.id, n.tail()))
+        for attempt in range(3):
+            for n in nodes:
+                n.start(wait=False)
+            try:
+                for n in nodes:
+                    if not wait_until(n.healthy, START_TIMEOUT_S, 0.05):
+                        raise RuntimeError("node %s not serving /healthz: %s" % (n.id, n.tail()))
+                return
+            except RuntimeError as e:
+                if not (first and "Address already in use" in str(e)) or attempt == 2:
+                    raise
+                for n in nodes:
+                    n.stop(timeout=slow(5.0))
+                    n.new_ports()
+                    shutil.rmtree(n.data_dir, ignore_errors=True)
 
     def running(self):
         return [n for n in self.nodes if n.alive()]

@@ -11,6 +11,7 @@ single-node raft backend keeps its writes across restarts.
 import errno
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -641,6 +642,71 @@ class TestFailover(ClusterTest):
         self.assertGreater(r.json()["token"], tokens[-1])
 
 
+class TestPausedLeader(ClusterTest):
+
+    def test_resumed_old_leader_serves_nothing_stale(self):
+        """A leader frozen (SIGSTOP) past an election resumes believing it leads: it must not
+        answer a linearizable read with the old value nor acknowledge a write on its own."""
+        c = self.new_cluster(election_timeout_ms=600, heartbeat_ms=60)
+        c.start()
+        c.wait_ready()
+        old = c.leader()
+        self.assertIsNotNone(old)
+        self.assertEqual(old.req("PUT", "/v1/counters/paused", {"value": 1}).status, 200)
+        os.kill(old.proc.pid, signal.SIGSTOP)
+        try:
+            new = c.leader(timeout=slow(10.0), exclude=(old,))
+            self.assertIsNotNone(new, "no leader while the old one is frozen")
+            r = new.req("PUT", "/v1/counters/paused", {"value": 2})
+            self.assertEqual(r.status, 200, r)
+            out = []
+            mu = threading.Lock()
+            hdr = [("Gateway-Forwarded-By", "t")]
+
+            def read():
+                try:
+                    r = harness.request(old.api_port, "GET", "/v1/counters/paused", headers=hdr,
+                                        timeout=slow(15.0))
+                except OSError as e:
+                    r = e
+                with mu:
+                    out.append(("read", r))
+
+            def write():
+                try:
+                    r = harness.request(old.api_port, "POST", "/v1/counters/paused",
+                                        headers=hdr + [("Content-Type", "application/json")],
+                                        body=b'{"add": 100}', timeout=slow(15.0))
+                except OSError as e:
+                    r = e
+                with mu:
+                    out.append(("write", r))
+            ts = [threading.Thread(target=read) for _ in range(4)]
+            ts += [threading.Thread(target=write) for _ in range(2)]
+            for t in ts:
+                t.start()
+            time.sleep(0.3)  # the requests wait in the frozen process's socket queue
+        finally:
+            os.kill(old.proc.pid, signal.SIGCONT)
+        for t in ts:
+            t.join(slow(20.0))
+        self.assertEqual(len(out), 6, out)
+        applied = 0
+        for kind, r in out:
+            self.assertIsInstance(r, harness.Response, (kind, r))
+            if r.status == 200:
+                if kind == "read":
+                    self.assertEqual(r.json()["value"], 2, "stale read from a deposed leader")
+                else:
+                    applied += 1
+            else:
+                self.assertEqual(r.status, 503, (kind, r))
+        final = 2 + 100 * applied
+        for n in c.nodes:
+            r = n.req("GET", "/v1/counters/paused")
+            self.assertEqual((r.status, r.json()["value"]), (200, final), n.id)
+
+
 # ---- leases across a leader change ----
 
 class TestLeaseFailover(ClusterTest):
@@ -839,8 +905,19 @@ class TestSnapshotCatchUp(ClusterTest):
         self.assertIsNotNone(leader)
         f = c.followers(leader)[0]
         live = [n for n in c.nodes if n is not f]
-        for i in range(10):
+        first = leader.req("POST", "/v1/counters/snap", {"add": 1},
+                           headers=[("Idempotency-Key", "snap-first")])
+        self.assertEqual(first.status, 200, first)
+        for i in range(9):
             self.assertEqual(live[i % 2].req("POST", "/v1/counters/snap", {"add": 1}).status, 200)
+        held = leader.req("POST", "/v1/locks/snap-lock", {"owner": "keeper", "ttl_ms": 3600000})
+        self.assertEqual(held.status, 200, held)
+        held = held.json()
+        freed = leader.req("POST", "/v1/locks/snap-free", {"owner": "gone", "ttl_ms": 5000})
+        self.assertEqual(freed.status, 200, freed)
+        freed = freed.json()
+        self.assertEqual(leader.req("DELETE", "/v1/locks/snap-free?token=%d"
+                                    % freed["token"]).status, 204)
         self.assertEqual(f.stop(), 0, "SIGTERM exit code")
         f_last = last_entry_index(f)
         self.assertGreater(f_last, 0)
@@ -902,6 +979,24 @@ class TestSnapshotCatchUp(ClusterTest):
         c.wait_ready()
         for n in c.nodes:
             self.assertEqual(n.req("GET", "/v1/counters/snap").json()["value"], final + 1)
+            # The idempotency record, the lock and its lease come back from the snapshot.
+            again = n.req("POST", "/v1/counters/snap", {"add": 1},
+                          headers=[("Idempotency-Key", "snap-first")])
+            self.assertEqual((again.status, again.json()), (200, first.json()))
+            g = n.req("GET", "/v1/locks/snap-lock")
+            self.assertEqual(g.status, 200, g)
+            self.assertEqual((g.json()["owner"], g.json()["token"]), ("keeper", held["token"]))
+            self.assertEqual(n.req("GET", "/v1/leases/" + held["lease_id"]).status, 200)
+        self.assertEqual(f.req("GET", "/v1/counters/snap").json()["value"], final + 1)
+        self.assertEqual(f.req("DELETE", "/v1/locks/snap-lock?token=%d"
+                               % held["token"]).status, 204)
+        nxt = f.req("POST", "/v1/locks/snap-lock", {"owner": "next", "ttl_ms": 5000})
+        self.assertEqual(nxt.status, 200, nxt)
+        self.assertGreater(nxt.json()["token"], held["token"])
+        # A lock that was free when the snapshot was taken keeps its fencing sequence too.
+        nxt = f.req("POST", "/v1/locks/snap-free", {"owner": "next", "ttl_ms": 5000})
+        self.assertEqual(nxt.status, 200, nxt)
+        self.assertGreater(nxt.json()["token"], freed["token"])
 
 
 # ---- the write-ahead log on disk ----
