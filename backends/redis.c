@@ -232,6 +232,7 @@ struct redis {
   int fd;
   uint32_t ev_mask, ev_armed;
   bool fd_added, connecting, io_stopping;
+  bool reason_set; /* set_err was called since the last connect */
   uint64_t connect_deadline_ns, retry_at_ns, backoff_ns, last_reply_ns;
   struct req *p_head, *p_tail; /* sent and awaiting a reply, in deadline order */
   struct req *o_head, *o_tail; /* releases waiting for a connection */
@@ -287,6 +288,7 @@ static void set_err(struct redis *r, const char *fmt, ...)
   va_start(ap, fmt);
   vsnprintf(buf, sizeof(buf), fmt, ap);
   va_end(ap);
+  r->reason_set = true; /* only the I/O thread reports errors */
   pthread_mutex_lock(&r->mu);
   memcpy(r->last_err, buf, sizeof(buf));
   pthread_mutex_unlock(&r->mu);
@@ -758,7 +760,7 @@ static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
   if (rep->type == REDIS_REPLY_STRING && rep->len < sizeof(r->sha[0]))
     memcpy(r->sha[script], rep->str, rep->len + 1);
   else if (rep->type == REDIS_REPLY_ERROR)
-    set_err(r, "SCRIPT LOAD failed: %.100s", rep->str);
+    set_err(r, "redis SCRIPT LOAD failed: %.100s", rep->str);
 }
 
 static void script_load(struct redis *r, int script)
@@ -776,7 +778,7 @@ static void on_setup_reply(redisAsyncContext *ac, void *reply, void *privdata)
     return;
   r->last_reply_ns = mono_ns();
   if (rep->type == REDIS_REPLY_ERROR) {
-    set_err(r, "%s failed: %.100s", (const char *)privdata, rep->str);
+    set_err(r, "redis %s failed: %.100s", (const char *)privdata, rep->str);
     atomic_store_explicit(&r->up, false, memory_order_release);
     redisAsyncDisconnect(ac); /* reconnects with backoff */
   }
@@ -910,6 +912,7 @@ static void on_connect(const redisAsyncContext *cac, int status)
     if (!r->sha[s][0])
       script_load(r, s);
   r->backoff_ns = BACKOFF_MIN_NS;
+  r->reason_set = false;
   atomic_fetch_add_explicit(&r->n_connects, 1, memory_order_relaxed);
   atomic_store_explicit(&r->up, true, memory_order_release);
   send_orphans(r);
@@ -922,6 +925,8 @@ static void on_disconnect(const redisAsyncContext *cac, int status)
   if (status != REDIS_OK)
     set_err(r, "lost the connection to redis at %s:%d: %s", r->host, r->port,
             cac->errstr ? cac->errstr : "error");
+  else if (!r->reason_set)
+    set_err(r, "the connection to redis at %s:%d was closed", r->host, r->port);
   went_down(r);
 }
 
@@ -1056,6 +1061,7 @@ static void *io_main(void *arg)
       if (r->ac && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && (r->ev_mask & EPOLLOUT))
         redisAsyncHandleWrite(r->ac);
       if (r->ac && (e & (EPOLLERR | EPOLLHUP)) && !(r->ev_mask & (EPOLLIN | EPOLLOUT))) {
+        set_err(r, "the connection to redis at %s:%d failed", r->host, r->port);
         drop(r);
       }
     }

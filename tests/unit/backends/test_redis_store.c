@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -804,6 +805,7 @@ static void killed_redis_fails_fast_and_restart_reconnects(void **state)
   assert_false(gw_store_redis_connected(r));
   char err[160];
   gw_store_redis_last_error(r, err, sizeof(err));
+  print_message("last error: %s\n", err);
   assert_true(strstr(err, "redis") != NULL);
   /* A claim whose finish could not be stored is released once Redis is back. */
   server_start();
@@ -905,6 +907,109 @@ static void open_rejects_bad_urls_and_succeeds_while_down(void **state)
                       "the Redis store did not answer in time");
 }
 
+struct chaos {
+  void *lim, *st;
+  int id;
+  atomic_bool *stop;
+  int ops, errors, late;
+};
+
+static void *chaos_main(void *arg)
+{
+  struct chaos *c = arg;
+  unsigned seed = (unsigned)c->id * 7919u + 1;
+  while (!atomic_load(c->stop)) {
+    char key[16];
+    snprintf(key, sizeof(key), "c%d", rand_r(&seed) % 50);
+    struct wait_op w;
+    wait_init(&w);
+    int rc;
+    if (rand_r(&seed) % 2) {
+      rc = gw_store_redis.limiter_admit_async(c->lim, key, strlen(key), 0, &w.op);
+    } else {
+      struct gw_idem_fingerprint fp = {1, (uint64_t)c->id};
+      struct copied got;
+      rc = gw_store_redis.idem_begin_async(c->st, "chaos", 5, key, strlen(key), &fp, 0, copy_resp,
+                                           &got, &w.op);
+      if (rc == 0) {
+        wait_for(&w);
+        if (!w.op.err && w.op.decision == GW_IDEM_EXECUTE) {
+          struct gw_idem_response resp = {.status = 200, .headers = "h", .headers_len = 1,
+                                          .body = "b", .body_len = 1};
+          enum gw_idem_origin o = rand_r(&seed) % 2 ? GW_IDEM_FROM_UPSTREAM : GW_IDEM_NOT_SENT;
+          gw_store_redis.idem_finish_async(c->st, &w.op.claim, o, &resp, 0, NULL);
+        }
+      }
+    }
+    if (rc < 0) { /* refused at once while down: done is never called */
+      assert_int_equal(w.calls, 0);
+      c->errors++;
+      sleep_ms(1);
+    } else {
+      wait_for(&w);
+      assert_int_equal(w.calls, 1);
+      if (w.t1 - w.t0 > (TIMEOUT_MS + SLACK_MS) * MS)
+        c->late++;
+      if (w.op.err)
+        c->errors++;
+    }
+    c->ops++;
+    wait_fini(&w);
+  }
+  return NULL;
+}
+
+/* Mixed operations from four threads while Redis is killed, restarted, stopped and resumed:
+ * every operation completes once and in time, and the store settles with nothing outstanding. */
+static void chaos_kills_and_stops_never_hang_an_operation(void **state)
+{
+  void *r = open_store();
+  struct gw_limiter_spec spec = sw_spec(1000000, 1000);
+  void *lim = make_limiter(r, "chaos", &spec);
+  void *st = make_idem(r, 1000);
+  atomic_bool stop = false;
+  struct chaos c[4];
+  pthread_t t[4];
+  for (int i = 0; i < 4; i++) {
+    c[i] = (struct chaos){.lim = lim, .st = st, .id = i, .stop = &stop};
+    pthread_create(&t[i], NULL, chaos_main, &c[i]);
+  }
+  sleep_ms(300);
+  server_kill();
+  sleep_ms(300);
+  server_start();
+  sleep_ms(300);
+  kill(server, SIGSTOP);
+  sleep_ms(500);
+  kill(server, SIGCONT);
+  sleep_ms(300);
+  server_kill();
+  server_start();
+  sleep_ms(300);
+  atomic_store(&stop, true);
+  int ops = 0, errors = 0;
+  for (int i = 0; i < 4; i++) {
+    pthread_join(t[i], NULL);
+    ops += c[i].ops;
+    errors += c[i].errors;
+    assert_int_equal(c[i].late, 0);
+  }
+  print_message("chaos: %d operations, %d failed\n", ops, errors);
+  assert_true(errors > 0 && errors < ops);
+  wait_connected(r);
+  struct gw_store_redis_stats s;
+  for (int i = 0; i < 200; i++) {
+    gw_store_redis_stats(r, &s);
+    if (s.outstanding == 0)
+      break;
+    sleep_ms(10);
+  }
+  assert_int_equal(s.outstanding, 0);
+  gw_store_redis.idem_destroy(st);
+  gw_store_redis.limiter_destroy(lim);
+  gw_store_redis_close(r);
+}
+
 int main(void)
 {
   if (!on_path("redis-server")) {
@@ -928,6 +1033,7 @@ int main(void)
       cmocka_unit_test_setup(script_flush_and_killed_connection_are_survived, flush),
       cmocka_unit_test_setup(stopped_redis_times_out_and_recovers, flush),
       cmocka_unit_test_setup(killed_redis_fails_fast_and_restart_reconnects, flush),
+      cmocka_unit_test_setup(chaos_kills_and_stops_never_hang_an_operation, flush),
   };
   return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
