@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "config.h"
@@ -50,7 +51,8 @@ static bool authorized(struct creq *q, const struct gw_config *cfg)
   if (!cfg->admin_token[0])
     return true;
   const char *h = MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, "Authorization");
-  return h && strncmp(h, "Bearer ", 7) == 0 && same_secret(h + 7, cfg->admin_token);
+  /* RFC 9110 section 11.1: the scheme is case-insensitive. */
+  return h && strncasecmp(h, "Bearer ", 7) == 0 && same_secret(h + 7, cfg->admin_token);
 }
 
 static void set_json(struct creq *q, int status, cJSON *doc)
@@ -430,114 +432,199 @@ static bool cluster_change(struct creq *q, struct gw_control *c, enum gw_node_op
 
 /* ---- dispatch ---- */
 
-bool gw_admin_handle(struct creq *q, const char *path)
+/* Endpoint handlers: arg is the path segment matched by "*" (NULL when none). They return true
+ * when q's answer is ready, false when q waits on the node. */
+typedef bool (*admin_fn)(struct creq *q, struct gw_config *cfg, const char *arg, size_t arg_len);
+
+static bool h_metrics(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
 {
-  struct gw_control *c = q->c;
-  const char *m = q->method;
-  bool get = strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0;
-  if (strcmp(path, "/metrics") == 0) {
-    if (!get) {
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-      return true;
-    }
-    q->status = 200;
-    q->content_type = "text/plain; version=0.0.4; charset=utf-8";
-    gw_metrics_render(&q->out, c->eng, c->node);
+  q->status = 200;
+  q->content_type = "text/plain; version=0.0.4; charset=utf-8";
+  gw_metrics_render(&q->out, q->c->eng, q->c->node);
+  return true;
+}
+
+static bool h_ui(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  /* A static page with no data in it: it asks for the token and sends it with its calls. */
+  q->status = 200;
+  q->content_type = "text/html; charset=utf-8";
+  gw_buf_set(&q->out, gw_admin_ui_html, strlen(gw_admin_ui_html));
+  return true;
+}
+
+static bool h_routes(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  list_routes(q, cfg);
+  return true;
+}
+
+static bool h_route_get(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  get_route(q, cfg, a, n);
+  return true;
+}
+
+static bool h_route_change(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  if (q->too_large) {
+    gw_control_set_gw_error(q, GW_EBODY_TOO_LARGE);
     return true;
   }
-  struct gw_config *cfg = gw_engine_config(c->eng);
-  bool answered = true;
-  if (strcmp(path, "/admin/ui") == 0) {
-    /* A static page with no data in it: it asks for the token and sends it with its calls. */
-    if (!get) {
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-      goto out;
-    }
-    q->status = 200;
-    q->content_type = "text/html; charset=utf-8";
-    gw_buf_set(&q->out, gw_admin_ui_html, strlen(gw_admin_ui_html));
-    goto out;
+  if (strcmp(q->method, "PUT") == 0 && q->body.len == 0) {
+    gw_control_set_error(q, 400, "invalid_json", "the request body must be a route object", NULL);
+    return true;
   }
-  if (!authorized(q, cfg)) {
+  return change_route(q, q->c, a, n, strcmp(q->method, "PUT") == 0);
+}
+
+static const struct gw_route *live_route(struct creq *q, struct gw_config *cfg, const char *a,
+                                         size_t n)
+{
+  const struct gw_route *r = find_route(cfg, a, n);
+  if (!r || !r->rt)
+    route_not_found(q);
+  return r && r->rt ? r : NULL;
+}
+
+static bool h_state(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  const struct gw_route *r = live_route(q, cfg, a, n);
+  if (r)
+    route_state(q, r);
+  return true;
+}
+
+static bool h_breaker(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  const struct gw_route *r = live_route(q, cfg, a, n);
+  if (r)
+    set_breaker(q, r);
+  return true;
+}
+
+static bool h_degrade(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  const struct gw_route *r = live_route(q, cfg, a, n);
+  if (r)
+    set_degrade(q, r);
+  return true;
+}
+
+static bool h_cluster(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  cluster_status(q, q->c, cfg);
+  return true;
+}
+
+static bool h_member_add(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  return cluster_change(q, q->c, GW_NODE_ADD_MEMBER, NULL);
+}
+
+static bool h_member_remove(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  char id[64];
+  if (n >= sizeof(id)) {
+    gw_control_set_error(q, 404, "member_not_found", "no such member", NULL);
+    return true;
+  }
+  memcpy(id, a, n);
+  id[n] = '\0';
+  return cluster_change(q, q->c, GW_NODE_REMOVE_MEMBER, id);
+}
+
+static bool h_transfer(struct creq *q, struct gw_config *cfg, const char *a, size_t n)
+{
+  return cluster_change(q, q->c, GW_NODE_TRANSFER, NULL);
+}
+
+/* The endpoints. A pattern's "*" matches one non-empty path segment. */
+static const struct {
+  const char *pattern;
+  const char *method; /* GET also answers HEAD */
+  bool open;          /* served without the admin token */
+  admin_fn fn;
+} endpoints[] = {
+    {"/metrics", "GET", true, h_metrics},
+    {"/admin/ui", "GET", true, h_ui},
+    {"/admin/routes", "GET", false, h_routes},
+    {"/admin/routes/*", "GET", false, h_route_get},
+    {"/admin/routes/*", "PUT", false, h_route_change},
+    {"/admin/routes/*", "DELETE", false, h_route_change},
+    {"/admin/routes/*/state", "GET", false, h_state},
+    {"/admin/routes/*/breaker", "POST", false, h_breaker},
+    {"/admin/routes/*/degrade", "POST", false, h_degrade},
+    {"/admin/cluster", "GET", false, h_cluster},
+    {"/admin/cluster/members", "POST", false, h_member_add},
+    {"/admin/cluster/members/*", "DELETE", false, h_member_remove},
+    {"/admin/cluster/transfer", "POST", false, h_transfer},
+};
+
+/* Match path against pattern; the "*" segment is returned in arg. */
+static bool match(const char *pattern, const char *path, const char **arg, size_t *arg_len)
+{
+  *arg = NULL;
+  *arg_len = 0;
+  while (*pattern && *path) {
+    if (*pattern == '*') {
+      size_t n = strcspn(path, "/");
+      if (n == 0 || n > 200)
+        return false;
+      *arg = path;
+      *arg_len = n;
+      path += n;
+      pattern++;
+      continue;
+    }
+    if (*pattern != *path)
+      return false;
+    pattern++;
+    path++;
+  }
+  return !*pattern && !*path;
+}
+
+bool gw_admin_handle(struct creq *q, const char *path)
+{
+  const char *m = q->method;
+  bool is_get = strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0;
+  char allow[64] = "";
+  int hit = -1;
+  const char *arg = NULL;
+  size_t arg_len = 0;
+  for (size_t i = 0; i < sizeof(endpoints) / sizeof(endpoints[0]); i++) {
+    const char *a;
+    size_t al;
+    if (!match(endpoints[i].pattern, path, &a, &al))
+      continue;
+    size_t used = strlen(allow);
+    snprintf(allow + used, sizeof(allow) - used, "%s%s%s", used ? ", " : "", endpoints[i].method,
+             strcmp(endpoints[i].method, "GET") == 0 ? ", HEAD" : "");
+    if (strcmp(endpoints[i].method, m) == 0 || (is_get && strcmp(endpoints[i].method, "GET") == 0)) {
+      hit = (int)i;
+      arg = a;
+      arg_len = al;
+    }
+  }
+  if (hit < 0) {
+    if (allow[0]) {
+      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+      snprintf(q->allow, sizeof(q->allow), "%s", allow);
+    } else {
+      gw_control_set_gw_error(q, GW_ENOT_FOUND);
+    }
+    return true;
+  }
+  struct gw_config *cfg = gw_engine_config(q->c->eng);
+  bool answered = true;
+  if (!endpoints[hit].open && !authorized(q, cfg)) {
     gw_control_set_error(q, 401, "unauthorized",
                          "this endpoint needs Authorization: Bearer <admin token>", NULL);
-    goto out;
+    q->www_authenticate = "Bearer realm=\"gateway admin\"";
+  } else {
+    answered = endpoints[hit].fn(q, cfg, arg, arg_len);
   }
-  if (strcmp(path, "/admin/routes") == 0) {
-    if (get)
-      list_routes(q, cfg);
-    else
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    goto out;
-  }
-  if (strncmp(path, "/admin/routes/", 14) == 0) {
-    const char *name = path + 14;
-    const char *slash = strchr(name, '/');
-    size_t len = slash ? (size_t)(slash - name) : strlen(name);
-    if (len == 0 || len > 200) {
-      route_not_found(q);
-      goto out;
-    }
-    if (!slash) {
-      if (get)
-        get_route(q, cfg, name, len);
-      else if (strcmp(m, "PUT") == 0 || strcmp(m, "DELETE") == 0) {
-        if (q->too_large)
-          gw_control_set_gw_error(q, GW_EBODY_TOO_LARGE);
-        else
-          answered = change_route(q, c, name, len, strcmp(m, "PUT") == 0);
-      } else
-        gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-      goto out;
-    }
-    const struct gw_route *r = find_route(cfg, name, len);
-    if (!r || !r->rt) {
-      route_not_found(q);
-      goto out;
-    }
-    if (strcmp(slash, "/state") == 0 && get)
-      route_state(q, r);
-    else if (strcmp(slash, "/breaker") == 0 && strcmp(m, "POST") == 0)
-      set_breaker(q, r);
-    else if (strcmp(slash, "/degrade") == 0 && strcmp(m, "POST") == 0)
-      set_degrade(q, r);
-    else if (strcmp(slash, "/state") == 0 || strcmp(slash, "/breaker") == 0 ||
-             strcmp(slash, "/degrade") == 0)
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    else
-      gw_control_set_gw_error(q, GW_ENOT_FOUND);
-    goto out;
-  }
-  if (strcmp(path, "/admin/cluster") == 0) {
-    if (get)
-      cluster_status(q, c, cfg);
-    else
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    goto out;
-  }
-  if (strcmp(path, "/admin/cluster/members") == 0) {
-    if (strcmp(m, "POST") == 0)
-      answered = cluster_change(q, c, GW_NODE_ADD_MEMBER, NULL);
-    else
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    goto out;
-  }
-  if (strncmp(path, "/admin/cluster/members/", 23) == 0 && path[23]) {
-    if (strcmp(m, "DELETE") == 0 && strlen(path + 23) < 64)
-      answered = cluster_change(q, c, GW_NODE_REMOVE_MEMBER, path + 23);
-    else
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    goto out;
-  }
-  if (strcmp(path, "/admin/cluster/transfer") == 0) {
-    if (strcmp(m, "POST") == 0)
-      answered = cluster_change(q, c, GW_NODE_TRANSFER, NULL);
-    else
-      gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    goto out;
-  }
-  gw_control_set_gw_error(q, GW_ENOT_FOUND);
-out:
   gw_config_unref(cfg);
   return answered;
 }

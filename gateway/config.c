@@ -812,8 +812,16 @@ static void parse_route(struct ctx *c, const cJSON *o, struct gw_route *r)
   static const char *const match_keys[] = {"path_prefix", "methods", "host", NULL};
   r->timeout_ms = 5000;
   r->connect_timeout_ms = 1000;
-  if (!check_object(c, o, NULL, keys))
+  if (!check_object(c, o, NULL, keys)) {
+    /* Still a whole route, so the rest of the loader never meets a half-built one. */
+    r->name = xstrdup("");
+    r->path_prefix = xstrdup("/");
+    r->policies_json = xstrdup("");
+    r->outstanding = calloc(1, sizeof(*r->outstanding));
+    if (!r->outstanding)
+      abort();
     return;
+  }
   r->json = cJSON_PrintUnformatted(o);
   char name[256] = "";
   if (get_str(c, o, "name", true, name, sizeof(name))) {
@@ -1202,7 +1210,14 @@ struct gw_config *gw_config_with_route(const struct gw_config *base, const char 
       cJSON_Delete(doc);
       return NULL;
     }
-    if (cJSON_IsObject(route)) {
+    if (!cJSON_IsObject(route)) {
+      snprintf(errs->lines[errs->count++], sizeof(errs->lines[0]),
+               "config error at route: must be an object");
+      cJSON_Delete(route);
+      cJSON_Delete(doc);
+      return NULL;
+    }
+    {
       const cJSON *n = cJSON_GetObjectItemCaseSensitive(route, "name");
       if (!n)
         cJSON_AddStringToObject(route, "name", name);

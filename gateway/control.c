@@ -70,6 +70,10 @@ static enum MHD_Result send_answer(struct creq *q)
     MHD_add_response_header(resp, "Raft-Index", q->raft_index);
   if (q->retry_after[0])
     MHD_add_response_header(resp, "Retry-After", q->retry_after);
+  if (q->www_authenticate)
+    MHD_add_response_header(resp, "WWW-Authenticate", q->www_authenticate);
+  if (q->allow[0])
+    MHD_add_response_header(resp, "Allow", q->allow);
   q->state = C_DONE;
   enum MHD_Result ok = MHD_queue_response(q->conn, (unsigned)q->status, resp);
   MHD_destroy_response(resp);
@@ -91,6 +95,14 @@ static void resume(struct creq *q)
 {
   q->state = C_DONE;
   MHD_resume_connection(q->conn);
+}
+
+static void on_caught_up(struct gw_node_req *nr)
+{
+  struct creq *q = nr->ctx;
+  free(nr->body);
+  nr->body = NULL;
+  resume(q);
 }
 
 static void on_forwarded(struct gw_forward_job *j)
@@ -116,6 +128,18 @@ static void on_forwarded(struct gw_forward_job *j)
     gw_buf_set(&q->out, j->resp_body.p ? j->resp_body.p : "", j->resp_body.len);
     snprintf(q->raft_index, sizeof(q->raft_index), "%s", j->raft_index);
     snprintf(q->retry_after, sizeof(q->retry_after), "%s", j->retry_after);
+    /* Read your writes through this node: answer once it has applied what the leader did. */
+    uint64_t index = strtoull(j->raft_index, NULL, 10);
+    if (index && q->c->node && q->status < 500) {
+      gw_buf_free(&j->resp_body);
+      memset(&q->nr, 0, sizeof(q->nr));
+      q->nr.op = GW_NODE_WAIT_APPLIED;
+      q->nr.id = index;
+      q->nr.done = on_caught_up;
+      q->nr.ctx = q;
+      if (gw_node_submit(q->c->node, &q->nr) == 0)
+        return;
+    }
   }
   gw_buf_free(&j->resp_body);
   resume(q);
@@ -134,7 +158,10 @@ static bool forward(struct creq *q, const char *leader_api)
   j->idem_key = q->idem[0] ? q->idem : NULL;
   j->authorization = MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, "Authorization");
   j->forwarded_by = q->c->node_name;
-  j->timeout_ms = 20000;
+  /* A lock acquire may wait up to wait_ms on the leader before its answer. */
+  j->timeout_ms = 20000 + (q->nr.op == GW_NODE_WRITE && q->nr.cmd.kind == GW_FSM_LOCK_ACQUIRE
+                               ? (long)q->nr.cmd.wait_ms
+                               : 0);
   j->done = on_forwarded;
   j->ctx = q;
   return gw_forwarder_submit(q->c->fwd, j) == 0;
@@ -463,6 +490,16 @@ not_found:
   return false;
 not_allowed:
   set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+  if (kind_len == 6 && !rest)
+    snprintf(q->allow, sizeof(q->allow), "POST");
+  else if (kind_len == 6 && rest && strstr(rest, "/keepalive"))
+    snprintf(q->allow, sizeof(q->allow), "POST");
+  else if (kind_len == 6)
+    snprintf(q->allow, sizeof(q->allow), "GET, HEAD, DELETE");
+  else if (kind_len == 5)
+    snprintf(q->allow, sizeof(q->allow), "GET, HEAD, POST, DELETE");
+  else
+    snprintf(q->allow, sizeof(q->allow), "GET, HEAD, POST, PUT");
   return false;
 }
 
@@ -501,9 +538,10 @@ static enum MHD_Result route(struct creq *q, const char *url)
   struct gw_control *c = q->c;
   bool get = strcmp(q->method, "GET") == 0 || strcmp(q->method, "HEAD") == 0;
   if (strcmp(url, "/healthz") == 0) {
-    if (!get)
+    if (!get) {
       set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    else {
+      snprintf(q->allow, sizeof(q->allow), "GET, HEAD");
+    } else {
       q->status = 200;
       gw_buf_set(&q->out, "{\"status\":\"ok\"}", 15);
     }
@@ -513,9 +551,10 @@ static enum MHD_Result route(struct creq *q, const char *url)
     struct gw_node_status st;
     if (c->node)
       gw_node_status(c->node, &st);
-    if (!get)
+    if (!get) {
       set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
-    else if (!gw_engine_accepting(c->eng))
+      snprintf(q->allow, sizeof(q->allow), "GET, HEAD");
+    } else if (!gw_engine_accepting(c->eng))
       set_gw_error(q, GW_ESHUTTING_DOWN);
     else if (c->node && st.leader_id == 0)
       set_error(q, 503, "no_leader", "no Raft leader is known yet", NULL);

@@ -41,6 +41,8 @@ struct creq {
   int status;
   struct gw_buf out;
   const char *content_type; /* NULL: application/json */
+  const char *www_authenticate; /* for a 401 */
+  char allow[64];               /* for a 405 */
   char raft_index[32];
   char retry_after[32];
 

@@ -1002,9 +1002,12 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
 }
 
 /* First call for a request: route, limits, ids. Returns 0 or a gw_err to answer with. */
+static void refresh_config(struct worker *w);
+
 static int begin_request(struct req *r)
 {
   struct worker *w = r->w;
+  refresh_config(w); /* a change made a moment ago applies to this request already */
   r->cfg = gw_config_ref(w->cfg);
   w->inflight++;
   r->counted = true;

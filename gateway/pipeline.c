@@ -382,8 +382,11 @@ int gw_pipeline_attach(struct gw_config *cfg, const struct gw_config *prev)
       if (prev->routes[j].rt && strcmp(prev->routes[j].name, r->name) == 0)
         same_name = prev->routes[j].rt;
     if (!r->rt) {
-      /* Changed policies: new state, but each unchanged stateful policy keeps its part. */
+      /* Changed policies: new state, but each unchanged stateful policy keeps its part, and
+       * an operator's degrade override stays. */
       int rc = rt_create(r, same_name, &r->rt);
+      if (rc == 0 && same_name && r->degradation.enabled)
+        gw_degrade_set_mode(&r->rt->degrade, same_name->degrade.mode);
       if (rc) {
         gw_logf("error", "route %s: cannot create its policy state: %s", r->name,
                 gw_strerror(rc));

@@ -108,6 +108,9 @@ struct gw_node {
   uint8_t *stuck_snap_data;
   uint64_t next_disk_retry_ms;
   uint64_t applied; /* last index passed to apply (any entry type) */
+  /* The state machine's clock when this node last applied a command, and this node's monotonic
+   * clock at that moment: a new leader continues the clock from them (see watch_leadership). */
+  uint64_t last_apply_fsm_ms, last_apply_mono_ms;
 
   uint64_t next_tick_ms;
   uint64_t tick_ms;
@@ -246,6 +249,7 @@ static void reconcile_transport(struct gw_node *n)
 }
 
 static int restore_snapshot(struct gw_node *n, const uint8_t *buf, size_t len);
+static void serve_ready_reads(struct gw_node *n);
 
 /* ---- answering ---- */
 
@@ -348,6 +352,10 @@ static bool is_leader(struct gw_node *n, struct raft_status *rs)
 static void answer_read(struct gw_node *n, struct gw_node_req *r)
 {
   int rc = 0;
+  if (r->op == GW_NODE_WAIT_APPLIED) {
+    answer(n, r, GW_NODE_OK, 0, NULL, 0);
+    return;
+  }
   switch (r->op) {
   case GW_NODE_READ_LEASE:
     rc = gw_fsm_get_lease(n->fsm, r->id, r->stale ? gw_fsm_time(n->fsm) : fsm_now(n), &n->res);
@@ -375,6 +383,17 @@ static void answer_read(struct gw_node *n, struct gw_node_req *r)
 static void dispatch(struct gw_node *n, struct gw_node_req *r, uint64_t now)
 {
   struct raft_status rs;
+  if (r->op == GW_NODE_WAIT_APPLIED) {
+    /* Answered once this node has applied up to r->id (or at the deadline). */
+    r->read_index_ = r->id;
+    r->read_seq_ = 0;
+    r->state_ = RS_READ_READY;
+    if (!r->deadline_ms_)
+      r->deadline_ms_ = now + 2000;
+    list_push(&n->reads, r);
+    serve_ready_reads(n);
+    return;
+  }
   if (r->op != GW_NODE_WRITE && r->stale) {
     answer_read(n, r);
     return;
@@ -487,6 +506,12 @@ static void retry_waiting(struct gw_node *n, uint64_t now)
     if (r->state_ == RS_QUEUED && leader) {
       if (raft_read_index(n->raft, r->read_seq_) == 0)
         r->state_ = RS_READ_SENT;
+    }
+    if (r->op == GW_NODE_WAIT_APPLIED && now >= r->deadline_ms_) {
+      *p = r->next_;
+      r->next_ = NULL;
+      answer(n, r, GW_NODE_OK, 0, NULL, 0); /* waited long enough: answer as it stands */
+      continue;
     }
     if (r->state_ != RS_READ_READY && now >= r->deadline_ms_) {
       *p = r->next_;
@@ -732,8 +757,14 @@ static void watch_leadership(struct gw_node *n, uint64_t now)
   }
   n->was_leader = leader;
   if (leader && !n->leader_ready && n->term_first_index && n->applied >= n->term_first_index) {
-    /* Continue the state machine's clock from where the log left it. */
-    n->clock_offset_ms = (int64_t)gw_fsm_time(n->fsm) - (int64_t)mono_ms();
+    /* Continue the state machine's clock: from the last command this node applied, plus the
+     * time that passed here since (never more than really passed since the old leader stamped
+     * it, since it was applied after that: so a lease never expires early, and the clock does
+     * not stand still while the cluster was idle and then lost its leader). */
+    if (n->last_apply_mono_ms)
+      n->clock_offset_ms = (int64_t)n->last_apply_fsm_ms - (int64_t)n->last_apply_mono_ms;
+    else
+      n->clock_offset_ms = (int64_t)gw_fsm_time(n->fsm) - (int64_t)mono_ms();
     n->leader_ready = true;
   }
 }
@@ -859,6 +890,8 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
             (unsigned long long)e->index);
     abort();
   }
+  n->last_apply_fsm_ms = gw_fsm_time(n->fsm);
+  n->last_apply_mono_ms = mono_ms();
   if (mine && mine->proposed_us_) {
     uint64_t us = mono_us() - mine->proposed_us_;
     observe(n->ctr.commit_bucket, us);
@@ -932,6 +965,7 @@ static int persist(struct gw_node *n, const struct raft_update *u)
 static void apply_update(struct gw_node *n, const struct raft_update *u)
 {
   if (u->snapshot) {
+    n->last_apply_mono_ms = 0; /* the clock restarts from the snapshot's */
     if (restore_snapshot(n, u->snapshot->data, u->snapshot->len) != 0)
       fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: a snapshot from the leader does not "
                       "restore\"}\n");

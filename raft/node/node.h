@@ -83,6 +83,8 @@ enum gw_node_op {
                             up, then is promoted to voter (thesis section 4.2.1) */
   GW_NODE_REMOVE_MEMBER, /* member.name (the leader hands leadership over first) */
   GW_NODE_TRANSFER,      /* member.name: leadership transfer (thesis section 3.10) */
+  GW_NODE_WAIT_APPLIED,  /* answered (status 0) once this node has applied index id, or after
+                            2 s: read-your-writes for a write another node answered */
 };
 
 enum gw_node_outcome {

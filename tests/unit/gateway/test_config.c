@@ -194,6 +194,12 @@ static void every_problem_is_reported_not_only_the_first(void **state)
   assert_true(errs.count >= 5); /* bogus, max_body_bytes, workers, name, match, upstream */
 }
 
+static void a_route_that_is_not_an_object_is_an_error_not_a_crash(void **state)
+{
+  assert_rejected("{\"routes\":[5]}", "routes[0]", "must be an object");
+  assert_rejected("{\"routes\":[null,[1]]}", "routes[1]", "must be an object");
+}
+
 static void route_requires_name_match_and_upstream(void **state)
 {
   assert_rejected("{\"routes\":[{}]}", "routes[0].name", "required");
@@ -234,6 +240,7 @@ int main(void)
       cmocka_unit_test(cluster_scope_needs_a_shared_backend),
       cmocka_unit_test(every_problem_is_reported_not_only_the_first),
       cmocka_unit_test(route_requires_name_match_and_upstream),
+      cmocka_unit_test(a_route_that_is_not_an_object_is_an_error_not_a_crash),
       cmocka_unit_test(peers_must_include_this_node),
       cmocka_unit_test(a_missing_file_is_an_error_not_a_crash),
   };
