@@ -212,7 +212,7 @@ int main(int argc, char **argv)
   struct gw_limiter_spec tb = {.kind = GW_LIMITER_TOKEN_BUCKET,
                                .tb = {.capacity = 1000000, .refill_per_sec = 1000000}};
   struct gw_limiter_spec sw = {.kind = GW_LIMITER_SLIDING_WINDOW,
-                               .sw = {.limit = 100, .window_ms = 1000}};
+                               .sw = {.limit = 1000, .window_ms = 1000}};
   unsigned depth[2] = {1, 64};
   for (int d = 0; d < 2; d++) {
     bench(redis, "token_bucket", &tb, depth[d], seconds);
