@@ -339,6 +339,64 @@ static void removed_voter_no_longer_counts_for_quorum(void **state)
     t_free(&t);
 }
 
+static void configuration_takes_effect_on_append_and_rolls_back_on_truncation(void **state)
+{
+    struct tknobs k = tk_default();
+    struct raft *r = t_node(&k, 2, 3);
+    /* a leader of term 1 appends a configuration adding learner 4 */
+    struct raft_membership c = *raft_membership(r);
+    c.members[c.n].id = 4;
+    c.members[c.n].role = RAFT_LEARNER;
+    c.n++;
+    uint8_t buf[64];
+    size_t len;
+    assert_int_equal(raft_membership_encode(&c, buf, sizeof(buf), &len), 0);
+    struct raft_entry e[2] = {{1, 1, RAFT_ENTRY_NOOP, 0, NULL}, {1, 2, RAFT_ENTRY_CONFIG, (uint32_t)len, buf}};
+    struct raft_message m = t_msg(RAFT_MSG_APPEND, 1, 2, 1);
+    m.u.append.entries = e;
+    m.u.append.n_entries = 2;
+    raft_step(r, &m);
+    assert_int_equal(raft_membership(r)->n, 4); /* in effect before it is committed */
+    /* a leader of term 2 never had it: the entry is truncated and the old configuration returns */
+    struct raft_entry f[1] = {{2, 2, RAFT_ENTRY_NOOP, 0, NULL}};
+    m = t_msg(RAFT_MSG_APPEND, 3, 2, 2);
+    m.u.append.prev_index = 1;
+    m.u.append.prev_term = 1;
+    m.u.append.entries = f;
+    m.u.append.n_entries = 1;
+    raft_step(r, &m);
+    assert_int_equal(raft_membership(r)->n, 3);
+    assert_null(raft_membership_find(raft_membership(r), 4));
+    raft_free(r);
+}
+
+static void removed_server_cannot_disrupt_the_cluster(void **state)
+{
+    /* Thesis §4.2.3: the leader stops replicating to a server as soon as it appends the
+     * configuration without it, so the server may never learn it was removed; it times out and
+     * campaigns. PreVote and leader stickiness keep it from deposing anyone. */
+    struct tknobs k = tk_default();
+    k.pre_vote = true;
+    k.check_quorum = true;
+    struct tcluster t;
+    t_init(&t, &k, 3);
+    t_elect(&t, 1);
+    assert_int_equal(raft_change_membership(t.r[1], RAFT_REMOVE, 3, NULL), 0);
+    t_settle(&t);
+    assert_int_equal(raft_membership(t.r[1])->n, 2);
+    for (int i = 0; i < 100; i++) {
+        t_tick(&t, 1, 1);
+        t_tick(&t, 2, 1);
+        t_tick(&t, 3, 1);
+        t_settle(&t);
+    }
+    assert_int_equal(t_st(&t, 1).role, RAFT_LEADER);
+    assert_int_equal(t_st(&t, 1).term, 1);
+    assert_int_equal(t_st(&t, 2).term, 1);
+    assert_true(t_st(&t, 3).role != RAFT_LEADER);
+    t_free(&t);
+}
+
 /* ---------------------------------------------------------------- leadership transfer */
 
 static void transfer_hands_leadership_to_caught_up_voter(void **state)
@@ -487,6 +545,8 @@ int main(void)
         cmocka_unit_test(only_one_membership_change_at_a_time),
         cmocka_unit_test(leader_cannot_remove_itself),
         cmocka_unit_test(removed_voter_no_longer_counts_for_quorum),
+        cmocka_unit_test(configuration_takes_effect_on_append_and_rolls_back_on_truncation),
+        cmocka_unit_test(removed_server_cannot_disrupt_the_cluster),
         cmocka_unit_test(transfer_hands_leadership_to_caught_up_voter),
         cmocka_unit_test(transfer_waits_for_target_to_catch_up),
         cmocka_unit_test(transfer_aborted_after_election_timeout),
