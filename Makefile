@@ -7,7 +7,7 @@ CMAKE_ARGS ?=
 BUILD_PKGS = build-essential cmake pkg-config libmicrohttpd-dev libcjson-dev \
              libcurl4-openssl-dev libhiredis-dev libcmocka-dev
 TEST_PKGS  = python3 curl redis-server
-BENCH_PKGS = nginx-light wrk redis-server
+BENCH_PKGS = nginx-light wrk redis-server etcd-server
 
 .PHONY: all deps test-deps bench-deps build build-sanitize run test test-sanitize bench cluster clean
 
@@ -56,6 +56,7 @@ test-sanitize: test-deps build-sanitize
 
 bench: bench-deps build
 	bench/run.sh $(BUILD)
+	bench/cluster.sh $(BUILD)
 
 # A 3-node cluster on loopback (etc/cluster/), until Ctrl-C.
 cluster: build

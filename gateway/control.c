@@ -674,7 +674,8 @@ int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct
       0, NULL, NULL, on_request, c, MHD_OPTION_EXTERNAL_LOGGER, gw_log_vlibrary, "libmicrohttpd",
       MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_URI_LOG_CALLBACK, on_uri, c,
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, c, MHD_OPTION_CONNECTION_TIMEOUT, 60u,
-      MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_END);
+      MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)16384,
+      MHD_OPTION_END);
   if (!c->mhd) {
     gw_logf("error", "cannot start the control listener on %s", addr->text);
     close(fd);
