@@ -115,6 +115,7 @@ struct gw_node {
   uint64_t next_tick_ms;
   uint64_t tick_ms;
   uint64_t routes_version; /* last route table version handed to on_routes */
+  uint64_t snapshot_trailing;
   bool seeded;             /* seed routes proposed in this leadership */
 
   struct gw_node_status ctr; /* counters, node thread only */
@@ -943,10 +944,11 @@ static int persist(struct gw_node *n, const struct raft_update *u)
   int rc = 0;
   if (u->snapshot)
     rc = gw_wal_save_snapshot(n->wal, u->snapshot, 0);
-  if (!rc && u->hard_state_changed)
-    rc = gw_wal_set_hard_state(n->wal, &u->hard_state);
+  /* Entries before the hard state, so a commit index is never durable ahead of its entries. */
   if (!rc && u->n_entries)
     rc = gw_wal_append(n->wal, u->entries, u->n_entries);
+  if (!rc && u->hard_state_changed)
+    rc = gw_wal_set_hard_state(n->wal, &u->hard_state);
   if (!rc && (u->snapshot || u->hard_state_changed || u->n_entries)) {
     uint64_t ns = 0;
     rc = gw_wal_sync(n->wal, &ns);
@@ -1073,7 +1075,7 @@ static void take_snapshot(struct gw_node *n)
     return;
   if (raft_snapshot_saved(n->raft, at, img, len) == 0) {
     const struct raft_snapshot *s = raft_last_snapshot(n->raft);
-    if (s && s->index == at && gw_wal_save_snapshot(n->wal, s, 1024) == 0)
+    if (s && s->index == at && gw_wal_save_snapshot(n->wal, s, n->snapshot_trailing) == 0)
       n->ctr.snapshots++;
   }
   free(img);
@@ -1153,6 +1155,13 @@ static void drain_updates(struct gw_node *n, uint64_t now)
     if (raft_ready(n->raft, &u) != 0)
       return;
     int rc = persist(n, &u);
+    if (rc == GW_WAL_ERR_BROKEN) {
+      /* An fsync failed: what the kernel holds is unknown, and retrying could report success
+       * for data it dropped. Only a restart, which reads the log back, is safe. */
+      fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: an fsync of the log failed: "
+                      "stopping so a restart can recover from what is on disk\"}\n");
+      abort();
+    }
     if (rc != 0) {
       /* Nothing of u may be sent or acknowledged before it is durable: its messages are
        * dropped (Raft resends), its writes kept and retried; what was committed is applied
@@ -1436,6 +1445,7 @@ int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *
   rc_cfg.election_timeout_ticks = et < 3 ? 3 : et;
   rc_cfg.snapshot_threshold = cfg->snapshot_every;
   rc_cfg.snapshot_trailing = cfg->snapshot_every / 10 + 16;
+  n->snapshot_trailing = rc_cfg.snapshot_trailing;
   rc_cfg.pre_vote = true;
   rc_cfg.check_quorum = cfg->peer_count > 1;
   if (getrandom(&rc_cfg.random_seed, sizeof(rc_cfg.random_seed), 0) < 0)
