@@ -676,8 +676,10 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     /* The server lost its script cache (restart, SCRIPT FLUSH): load it again, send this one
      * with EVAL meanwhile. It stays in the pending list with its deadline. */
     pending_unlink(r, q);
-    r->sha[q->script][0] = '\0';
-    script_load(r, q->script);
+    if (r->sha[q->script][0]) { /* the first of a pipelined run of NOSCRIPTs reloads */
+      r->sha[q->script][0] = '\0';
+      script_load(r, q->script);
+    }
     send_req(r, q);
     return;
   }
@@ -1350,6 +1352,8 @@ static int lim_admit_async(void *p, const void *key, size_t len, uint64_t now_ns
                            struct gw_store_op *op)
 {
   struct limiter *l = p;
+  if (!op || !op->done)
+    return GW_POLICY_EINVALID_CONFIG;
   if (!atomic_load_explicit(&l->r->up, memory_order_acquire)) {
     atomic_fetch_add_explicit(&l->r->n_refused, 1, memory_order_relaxed);
     return GW_STORE_REDIS_EDOWN;
@@ -1511,6 +1515,8 @@ static int idem_begin_async(void *p, const char *route, size_t route_len, const 
 {
   struct idem *m = p;
   struct redis *r = m->r;
+  if (!op || !op->done)
+    return GW_POLICY_EINVALID_CONFIG;
   if (route_len > 200 || key_len > GW_IDEM_KEY_MAX || memchr(route, '{', route_len) ||
       memchr(route, '}', route_len))
     return GW_POLICY_ETOO_LARGE;
