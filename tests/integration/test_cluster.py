@@ -282,6 +282,42 @@ class TestEndpoints(ClusterTest):
             ta.join(slow(25.0))
             tb.join(slow(25.0))
 
+    def test_expired_holder_is_superseded(self):
+        n = self.c.nodes
+        t0 = time.monotonic()
+        h = self.ok(n[0].req("POST", "/v1/locks/sup", {"owner": "h", "ttl_ms": 1000}))
+        # A waiter whose own lease runs out while it waits is dropped with lease_not_found.
+        short = self.ok(n[2].req("POST", "/v1/leases", {"ttl_ms": 1000}), 201)["id"]
+        out = {}
+
+        def doomed():
+            out["doomed"] = n[2].req("POST", "/v1/locks/sup",
+                                     {"owner": "d", "lease_id": short, "wait_ms": 20000},
+                                     timeout=slow(30.0))
+        td = threading.Thread(target=doomed)
+        td.start()
+        self.assertTrue(wait_until(lambda: n[0].req("GET", "/v1/locks/sup").json().get(
+            "waiters") == 1, slow(5.0)))
+        # The holder never renews: once its ttl has passed the next live waiter gets the lock.
+        r = n[1].req("POST", "/v1/locks/sup", {"owner": "w", "ttl_ms": 10000, "wait_ms": 20000},
+                     timeout=slow(30.0))
+        dt = time.monotonic() - t0
+        w = self.ok(r)
+        self.assertEqual(w["owner"], "w")
+        self.assertGreater(w["token"], h["token"])
+        self.assertGreaterEqual(dt, 1.0, "granted before the holder's lease could expire")
+        self.assertLess(dt, slow(6.0))
+        td.join(slow(30.0))
+        self.assertError(out["doomed"], 404, "lease_not_found")
+        # The superseded holder cannot release what it no longer holds.
+        self.assertError(n[0].req("DELETE", "/v1/locks/sup?token=%d" % h["token"]), 409,
+                         "lock_not_held")
+        self.assertError(n[0].req("POST", "/v1/leases/%s/keepalive" % h["lease_id"]), 404,
+                         "lease_not_found")
+        g = self.ok(n[2].req("GET", "/v1/locks/sup"))
+        self.assertEqual((g["owner"], g["token"], g["waiters"]), ("w", w["token"], 0))
+        self.assertEqual(n[1].req("DELETE", "/v1/locks/sup?token=%d" % w["token"]).status, 204)
+
     def test_wait_times_out_with_lock_held(self):
         n = self.c.nodes
         h = self.ok(n[0].req("POST", "/v1/locks/wt", {"owner": "h", "ttl_ms": 10000}))
