@@ -898,9 +898,15 @@ static void open_rejects_bad_urls_and_succeeds_while_down(void **state)
   assert_false(gw_store_redis_connected(r));
   struct gw_limiter_spec spec = tb_spec(1, 1);
   void *lim = make_limiter(r, "down", &spec);
-  struct gw_store_op op;
-  memset(&op, 0, sizeof(op));
-  assert_int_equal(gw_store_redis.limiter_admit_async(lim, "k", 1, 0, &op), GW_STORE_REDIS_EDOWN);
+  struct wait_op w;
+  wait_init(&w);
+  assert_int_equal(gw_store_redis.limiter_admit_async(lim, "k", 1, 0, &w.op), GW_STORE_REDIS_EDOWN);
+  assert_int_equal(w.calls, 0); /* refused at once: done is never called */
+  wait_fini(&w);
+  struct gw_store_op bare;
+  memset(&bare, 0, sizeof(bare));
+  assert_int_equal(gw_store_redis.limiter_admit_async(lim, "k", 1, 0, &bare),
+                   GW_POLICY_EINVALID_CONFIG);
   gw_store_redis.limiter_destroy(lim);
   gw_store_redis_close(r);
   assert_string_equal(gw_store_redis_strerror(GW_STORE_REDIS_ETIMEDOUT),
