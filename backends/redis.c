@@ -611,6 +611,8 @@ static int on_limit_reply(struct req *q, const redisReply *rep)
     fill_tb(l, ok != 0, a, &op->info);
   else
     fill_sw(l, ok != 0, a, b, c, &op->info);
+  if (q->kind == K_PEEK)
+    op->info.retry_after_s = 0; /* nothing was refused */
   return 0;
 }
 

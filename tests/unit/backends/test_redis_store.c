@@ -430,6 +430,8 @@ static void ratelimit_info_matches_the_memory_store(void **state)
     gw_store_redis.limiter_peek(lim, key, strlen(key), 0, &p);
     assert_int_equal(p.limit, s == 1 ? 5 : 3);
     assert_int_equal(p.remaining, 0);
+    assert_int_equal(p.retry_after_s, 0);
+    assert_true(p.reset_s > 0);
     gw_store_redis.limiter_peek(lim, "never", 5, 0, &p);
     assert_int_equal(p.remaining, p.limit);
     gw_store_memory.limiter_destroy(mem);
