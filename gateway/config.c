@@ -507,12 +507,13 @@ static bool parse_key(struct ctx *c, const cJSON *obj, struct gw_limit_key *out)
 }
 
 static const char *const scope_names[] = {"local", "cluster", NULL};
+static const char *const store_error_names[] = {"allow", "deny", NULL};
 
 static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
   struct gw_token_bucket_conf *tb = &route->token_bucket;
   static const char *const keys[] = {"capacity", "refill_per_sec", "key", "scope", "max_keys",
-                                     NULL};
+                                     "on_store_error", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
   tb->enabled = true;
@@ -524,12 +525,16 @@ static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_route *r
   get_enum(c, o, "scope", scope_names, &scope);
   get_u32(c, o, "max_keys", 1, 10000000, false, &tb->max_keys);
   tb->scope = (enum gw_scope)scope;
+  int deny = 0;
+  get_enum(c, o, "on_store_error", store_error_names, &deny);
+  tb->deny_on_store_error = deny == 1;
 }
 
 static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
   struct gw_sliding_window_conf *sw = &route->sliding_window;
-  static const char *const keys[] = {"limit", "window_ms", "key", "scope", "max_keys", NULL};
+  static const char *const keys[] = {"limit",    "window_ms",      "key", "scope",
+                                     "max_keys", "on_store_error", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
   sw->enabled = true;
@@ -544,6 +549,9 @@ static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_route 
   get_enum(c, o, "scope", scope_names, &scope);
   get_u32(c, o, "max_keys", 1, 10000000, false, &sw->max_keys);
   sw->scope = (enum gw_scope)scope;
+  int deny = 0;
+  get_enum(c, o, "on_store_error", store_error_names, &deny);
+  sw->deny_on_store_error = deny == 1;
 }
 
 static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_route *route)
@@ -701,7 +709,8 @@ static void parse_degradation(struct ctx *c, const cJSON *o, struct gw_route *ro
 static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
   struct gw_idempotency_conf *ic = &route->idempotency;
-  static const char *const keys[] = {"header", "methods", "ttl_ms", "required", NULL};
+  static const char *const keys[] = {"header",   "methods",        "ttl_ms",
+                                     "required", "on_store_error", NULL};
   if (!check_object(c, o, NULL, keys))
     return;
   ic->enabled = true;
@@ -728,6 +737,9 @@ static void parse_idempotency(struct ctx *c, const cJSON *o, struct gw_route *ro
   }
   get_int(c, o, "ttl_ms", 1000, 86400000ull * 30, false, &ic->ttl_ms);
   get_bool(c, o, "required", &ic->required);
+  int deny = 1;
+  get_enum(c, o, "on_store_error", store_error_names, &deny);
+  ic->allow_on_store_error = deny == 0;
 }
 
 /* The policies of section 2, each parsed by its own function. */
@@ -1000,6 +1012,13 @@ static void cross_checks(struct ctx *c, struct gw_config *cfg)
       }
     bool cluster_scope = (r->token_bucket.enabled && r->token_bucket.scope == GW_SCOPE_CLUSTER) ||
                          (r->sliding_window.enabled && r->sliding_window.scope == GW_SCOPE_CLUSTER);
+    if (cluster_scope && cfg->backend == GW_BACKEND_RAFT) {
+      size_t old = push(c, "routes[%zu].policies", i);
+      fail(c, r->token_bucket.scope == GW_SCOPE_CLUSTER ? "token_bucket.scope"
+                                                        : "sliding_window.scope",
+           "\"cluster\" is enforced through backend.type \"redis\" in this version");
+      pop(c, old);
+    }
     if (cluster_scope && cfg->backend == GW_BACKEND_MEMORY) {
       size_t old = push(c, "routes[%zu].policies", i);
       fail(c, r->token_bucket.scope == GW_SCOPE_CLUSTER ? "token_bucket.scope"

@@ -51,6 +51,7 @@ struct gw_token_bucket_conf {
   struct gw_limit_key key;
   enum gw_scope scope;
   uint32_t max_keys;
+  bool deny_on_store_error; /* on_store_error: "deny" (default "allow": fail open) */
 };
 
 struct gw_sliding_window_conf {
@@ -59,6 +60,7 @@ struct gw_sliding_window_conf {
   struct gw_limit_key key;
   enum gw_scope scope;
   uint32_t max_keys;
+  bool deny_on_store_error;
 };
 
 struct gw_breaker_conf {
@@ -93,6 +95,7 @@ struct gw_idempotency_conf {
   size_t method_count;
   uint64_t ttl_ms;
   bool required;
+  bool allow_on_store_error; /* on_store_error: "allow" (default "deny": 503, fail closed) */
 };
 
 struct gw_target {

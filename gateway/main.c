@@ -20,6 +20,7 @@
 #include "log.h"
 #include "node.h"
 #include "pipeline.h"
+#include "redis.h"
 
 static void usage(FILE *f)
 {
@@ -278,6 +279,19 @@ int main(int argc, char **argv)
     report(&errs, true);
     return 1;
   }
+  void *redis = NULL;
+  if (cfg->backend == GW_BACKEND_REDIS) {
+    char rerr[256];
+    if (gw_store_redis_open(cfg->redis_url, cfg->redis_timeout_ms, &redis, rerr, sizeof(rerr))) {
+      gw_logf("error", "backend redis: %s", rerr);
+      return 1;
+    }
+    if (!gw_store_redis_connected(redis))
+      gw_logf("warn", "backend redis: %s is not reachable yet; limits fail open and idempotent "
+                      "requests are refused until it is (per route on_store_error)",
+              cfg->redis_url);
+    gw_pipeline_set_shared_store(&gw_store_redis, redis);
+  }
   if (gw_pipeline_attach(cfg, NULL) != 0)
     return 1;
 
@@ -344,7 +358,9 @@ int main(int argc, char **argv)
   if (tmp_dir[0])
     remove_tree(tmp_dir);
   gw_engine_free(eng);
-  gw_config_unref(cfg);
+  gw_config_unref(cfg); /* the last routes' parts go: then the store behind them */
+  if (redis)
+    gw_store_redis_close(redis);
   gw_logf("info", "stopped");
   return 0;
 }

@@ -18,6 +18,7 @@
 #include "err.h"
 #include "hash.h"
 #include "log.h"
+#include "redis.h"
 
 #define STALE_SLOTS 256
 #define STALE_MAX_BODY (1u << 20)
@@ -206,12 +207,13 @@ static void part_unref(struct gw_part *p)
   free(p);
 }
 
-static struct gw_part *part_new(void *obj, void (*destroy)(void *), const char *json)
+static struct gw_part *part_new(const struct gw_store_ops *ops, void *obj,
+                                void (*destroy)(void *), const char *json)
 {
   struct gw_part *p = calloc(1, sizeof(*p));
   if (!p)
     return NULL;
-  p->ops = &gw_store_memory;
+  p->ops = ops;
   atomic_init(&p->refs, 1);
   pthread_mutex_init(&p->mu, NULL);
   p->obj = obj;
@@ -254,13 +256,26 @@ static void rt_free(struct gw_route_rt *rt)
   free(rt);
 }
 
-static void destroy_limiter(void *l) { gw_store_memory.limiter_destroy(l); }
-static void destroy_idem(void *i) { gw_store_memory.idem_destroy(i); }
+/* The shared store (backend redis), set once at startup; NULL: everything is local. */
+static const struct gw_store_ops *shared_ops;
+static void *shared_impl;
 
-/* A part for one policy: prev's when unchanged, else a new one from make(). */
+void gw_pipeline_set_shared_store(const struct gw_store_ops *ops, void *impl)
+{
+  shared_ops = ops;
+  shared_impl = impl;
+}
+
+static void destroy_mem_limiter(void *l) { gw_store_memory.limiter_destroy(l); }
+static void destroy_mem_idem(void *i) { gw_store_memory.idem_destroy(i); }
+static void destroy_shared_limiter(void *l) { shared_ops->limiter_destroy(l); }
+static void destroy_shared_idem(void *i) { shared_ops->idem_destroy(i); }
+
+/* A part for one policy: prev's when unchanged, else a new one from make() on ops. */
 static int make_part(struct gw_part **out, struct gw_part *prev, const char *policies_json,
-                     const char *key, int (*make)(const struct gw_route *, void **),
-                     void (*destroy)(void *), const struct gw_route *r)
+                     const char *key, const struct gw_store_ops *ops,
+                     int (*make)(const struct gw_route *, void **), void (*destroy)(void *),
+                     const struct gw_route *r)
 {
   char *json = policy_json(policies_json, key);
   if (!json)
@@ -273,7 +288,7 @@ static int make_part(struct gw_part **out, struct gw_part *prev, const char *pol
   void *obj = NULL;
   int rc = make(r, &obj);
   if (rc == 0) {
-    *out = part_new(obj, destroy, json);
+    *out = part_new(ops, obj, destroy, json);
     if (!*out) {
       destroy(obj);
       rc = GW_ENOMEM;
@@ -295,6 +310,40 @@ static int make_breaker(const struct gw_route *r, void **o)
 {
   return gw_breaker_create(&r->breaker.c, (struct gw_breaker **)o);
 }
+/* Cluster-scope limiters and idempotency records on the shared store (backend redis). */
+static int make_shared_limiter(const struct gw_route *r, void **o, enum gw_limiter_kind kind)
+{
+  struct gw_limiter_spec spec;
+  memset(&spec, 0, sizeof(spec));
+  spec.kind = kind;
+  spec.seed = random_key();
+  if (kind == GW_LIMITER_TOKEN_BUCKET) {
+    spec.tb = r->token_bucket.c;
+    spec.max_keys = r->token_bucket.max_keys;
+  } else {
+    spec.sw = r->sliding_window.c;
+    spec.max_keys = r->sliding_window.max_keys;
+  }
+  struct gw_store_redis_scope scope = gw_store_redis_scope(shared_impl, r->name);
+  return shared_ops->limiter_create(&scope, &spec, o);
+}
+static int make_shared_tb(const struct gw_route *r, void **o)
+{
+  return make_shared_limiter(r, o, GW_LIMITER_TOKEN_BUCKET);
+}
+static int make_shared_sw(const struct gw_route *r, void **o)
+{
+  return make_shared_limiter(r, o, GW_LIMITER_SLIDING_WINDOW);
+}
+static int make_shared_idem(const struct gw_route *r, void **o)
+{
+  struct gw_idem_config ic = {.max_records = IDEM_MAX_RECORDS,
+                              .max_bytes = IDEM_MAX_BYTES,
+                              .ttl_ms = r->idempotency.ttl_ms,
+                              .seed = random_key()};
+  return shared_ops->idem_create(shared_impl, &ic, o);
+}
+
 static int make_idem(const struct gw_route *r, void **o)
 {
   struct gw_idem_config ic = {.max_records = IDEM_MAX_RECORDS,
@@ -324,18 +373,26 @@ static int rt_create(const struct gw_route *r, const struct gw_route_rt *prev,
   int rc = 0;
   if (!rt->name || !rt->policies_json)
     rc = GW_ENOMEM;
+  bool tb_shared = shared_ops && r->token_bucket.scope == GW_SCOPE_CLUSTER;
+  bool sw_shared = shared_ops && r->sliding_window.scope == GW_SCOPE_CLUSTER;
   if (!rc && r->token_bucket.enabled)
     rc = make_part(&rt->token_bucket, prev ? prev->token_bucket : NULL, r->policies_json,
-                   "token_bucket", make_tb, destroy_limiter, r);
+                   "token_bucket", tb_shared ? shared_ops : &gw_store_memory,
+                   tb_shared ? make_shared_tb : make_tb,
+                   tb_shared ? destroy_shared_limiter : destroy_mem_limiter, r);
   if (!rc && r->sliding_window.enabled)
     rc = make_part(&rt->sliding_window, prev ? prev->sliding_window : NULL, r->policies_json,
-                   "sliding_window", make_sw, destroy_limiter, r);
+                   "sliding_window", sw_shared ? shared_ops : &gw_store_memory,
+                   sw_shared ? make_shared_sw : make_sw,
+                   sw_shared ? destroy_shared_limiter : destroy_mem_limiter, r);
   if (!rc && r->breaker.enabled)
     rc = make_part(&rt->breaker, prev ? prev->breaker : NULL, r->policies_json,
-                   "circuit_breaker", make_breaker, destroy_breaker, r);
+                   "circuit_breaker", &gw_store_memory, make_breaker, destroy_breaker, r);
   if (!rc && r->idempotency.enabled)
     rc = make_part(&rt->idem, prev ? prev->idem : NULL, r->policies_json, "idempotency",
-                   make_idem, destroy_idem, r);
+                   shared_ops ? shared_ops : &gw_store_memory,
+                   shared_ops ? make_shared_idem : make_idem,
+                   shared_ops ? destroy_shared_idem : destroy_mem_idem, r);
   if (!rc && r->degradation.enabled && r->degradation.c.stale_if_error_ms) {
     rt->stale = calloc(1, sizeof(*rt->stale));
     if (!rt->stale)
@@ -564,9 +621,16 @@ static int idem_result(struct gw_preq *p, struct gw_resp *resp)
 {
   struct gw_route_rt *rt = p->rt;
   if (p->op.err) {
-    /* The records cannot be consulted: executing now could execute twice, so refuse. */
-    gw_resp_error(resp, GW_EOVERLOADED, 1);
-    return GW_STEP_ANSWER;
+    /* The records cannot be consulted: by default refuse (executing now could execute twice);
+     * with on_store_error "allow", go on without idempotency. */
+    atomic_fetch_add_explicit(&rt->store_errors, 1, memory_order_relaxed);
+    if (!p->route->idempotency.allow_on_store_error) {
+      gw_resp_error(resp, GW_EOVERLOADED, 1);
+      return GW_STEP_ANSWER;
+    }
+    p->stage = ST_LIMIT;
+    p->limit_i = 0;
+    return -1;
   }
   switch (p->op.decision) {
   case GW_IDEM_IN_FLIGHT:
@@ -635,8 +699,17 @@ static int limit_result(struct gw_preq *p, struct gw_resp *resp)
                       "keys", r->name);
   }
   if (p->op.err) {
-    /* The shared limit cannot be consulted: fail open, counted (a limiter protects capacity;
-     * refusing everything while its store is down would turn a store outage into an outage). */
+    /* The shared limit cannot be consulted. By default fail open (a limiter protects capacity:
+     * refusing everything while its store is down would turn a store outage into an outage);
+     * with on_store_error "deny", refuse as limited. */
+    bool deny = p->limit_i == 0 ? r->token_bucket.deny_on_store_error
+                                : r->sliding_window.deny_on_store_error;
+    atomic_fetch_add_explicit(&rt->store_errors, 1, memory_order_relaxed);
+    if (deny) {
+      atomic_fetch_add_explicit(&rt->rate_limited, 1, memory_order_relaxed);
+      gw_resp_error(resp, GW_ERATE_LIMITED, 1);
+      return GW_STEP_ANSWER;
+    }
     p->limit_i++;
     p->stage = ST_LIMIT;
     return -1;
@@ -828,7 +901,8 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
                  : ops->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns);
     if (rc && rc != GW_POLICY_ESTALE)
       gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
-                      "execute again", r->name, gw_policy_strerror(rc));
+                      "execute again", r->name,
+              rc <= -2100 && rc > -2200 ? gw_store_redis_strerror(rc) : gw_policy_strerror(rc));
     p->idem_claimed = false;
   }
   int st = resp->status;

@@ -69,11 +69,16 @@ struct gw_route_rt {
   struct gw_stale_cache *stale;
 
   atomic_ullong requests, rate_limited, breaker_rejected, retries, degraded, replays;
+  atomic_ullong store_errors; /* a shared store could not answer */
   atomic_int inflight;
   atomic_ullong status_class[6]; /* [0] other, [1] 1xx ... [5] 5xx */
   atomic_ullong latency_bucket[GW_LATENCY_BUCKETS]; /* requests at or under each bound */
   atomic_ullong latency_sum_us, latency_count;
 };
+
+/* Cluster-scope limiters and idempotency records live in this store (backend redis); call
+ * once at startup, before the first attach. */
+void gw_pipeline_set_shared_store(const struct gw_store_ops *ops, void *impl);
 
 /* Create the live state of every route of cfg, reusing prev's for unchanged routes. */
 int gw_pipeline_attach(struct gw_config *cfg, const struct gw_config *prev);
