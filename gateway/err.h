@@ -29,6 +29,8 @@
     "a request with this Idempotency-Key is still in flight")                                \
   X(IDEMPOTENCY_KEY_MISMATCH, 422, "idempotency_key_mismatch",                                \
     "this Idempotency-Key was used with a different method, path or body")                   \
+  X(STORE_UNAVAILABLE, 503, "store_unavailable",                                            \
+    "the shared state store cannot be reached: retry shortly")                               \
   X(SHUTTING_DOWN, 503, "shutting_down", "the gateway is shutting down")                     \
   X(NOT_READY, 503, "not_ready", "the gateway is not ready")                                 \
   X(INTERNAL, 500, "internal_error", "the gateway failed to handle this request")

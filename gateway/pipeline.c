@@ -625,7 +625,7 @@ static int idem_result(struct gw_preq *p, struct gw_resp *resp)
      * with on_store_error "allow", go on without idempotency. */
     atomic_fetch_add_explicit(&rt->store_errors, 1, memory_order_relaxed);
     if (!p->route->idempotency.allow_on_store_error) {
-      gw_resp_error(resp, GW_EOVERLOADED, 1);
+      gw_resp_error(resp, GW_ESTORE_UNAVAILABLE, 1);
       return GW_STEP_ANSWER;
     }
     p->stage = ST_LIMIT;
