@@ -111,9 +111,20 @@ static bool kind_known(uint8_t kind)
     case GW_FSM_COUNTER_SET:
     case GW_FSM_ROUTE_PUT:
     case GW_FSM_ROUTE_DELETE:
+    case GW_FSM_QUOTA_ACQUIRE:
+    case GW_FSM_QUOTA_RELEASE:
+    case GW_FSM_IDEM_BEGIN:
+    case GW_FSM_IDEM_FINISH:
         return true;
     }
     return false;
+}
+
+/* The quota and gateway idempotency kinds carry their own identity: no /v1 idempotency key. */
+static bool kind_takes_idem(uint8_t kind)
+{
+    return !(kind == GW_FSM_QUOTA_ACQUIRE || kind == GW_FSM_QUOTA_RELEASE || kind == GW_FSM_IDEM_BEGIN ||
+             kind == GW_FSM_IDEM_FINISH);
 }
 
 size_t gw_fsm_cmd_encoded_len(const struct gw_fsm_cmd *c)
@@ -122,11 +133,12 @@ size_t gw_fsm_cmd_encoded_len(const struct gw_fsm_cmd *c)
     if (!kind_known(c->kind))
         return 0;
     if (c->idem_key_len > 0) {
-        if (c->idem_key_len > GW_FSM_MAX_IDEM_KEY || c->idem_key == NULL)
+        if (c->idem_key_len > GW_FSM_MAX_IDEM_KEY || c->idem_key == NULL || !kind_takes_idem(c->kind))
             return 0;
         n += 1 + c->idem_key_len;
     }
-    if (c->name_len > UINT16_MAX || c->owner_len > UINT16_MAX || c->json_len > UINT32_MAX)
+    if (c->name_len > UINT16_MAX || c->owner_len > UINT16_MAX || c->json_len > UINT32_MAX ||
+        c->key_len > UINT16_MAX || c->headers_len > UINT32_MAX || c->body_len > UINT32_MAX)
         return 0;
     switch (c->kind) {
     case GW_FSM_LEASE_GRANT:
@@ -149,6 +161,15 @@ size_t gw_fsm_cmd_encoded_len(const struct gw_fsm_cmd *c)
         return n + 2 + c->name_len + 4 + c->json_len;
     case GW_FSM_ROUTE_DELETE:
         return n + 2 + c->name_len;
+    case GW_FSM_QUOTA_ACQUIRE:
+        return n + 2 + c->name_len + 2 + c->owner_len + 1 + 32;
+    case GW_FSM_QUOTA_RELEASE:
+        return n + 2 + c->name_len + 2 + c->owner_len + 16;
+    case GW_FSM_IDEM_BEGIN:
+        return n + 2 + c->name_len + 2 + c->key_len + 16 + 2 + c->owner_len + 8;
+    case GW_FSM_IDEM_FINISH:
+        return n + 2 + c->name_len + 2 + c->key_len + 8 + 1 + 2 + 8 + 4 + c->headers_len + 4 +
+               c->body_len;
     }
     return 0;
 }
@@ -199,7 +220,8 @@ int gw_fsm_cmd_encode(const struct gw_fsm_cmd *c, uint8_t *buf, size_t cap, size
     if (need == 0)
         return GW_FSM_ERR_INVALID;
     if ((c->name_len > 0 && c->name == NULL) || (c->owner_len > 0 && c->owner == NULL) ||
-        (c->json_len > 0 && c->json == NULL))
+        (c->json_len > 0 && c->json == NULL) || (c->key_len > 0 && c->key == NULL) ||
+        (c->headers_len > 0 && c->headers == NULL) || (c->body_len > 0 && c->body == NULL))
         return GW_FSM_ERR_INVALID;
     if (need > cap)
         return GW_FSM_ERR_TOO_BIG;
@@ -262,6 +284,41 @@ int gw_fsm_cmd_encode(const struct gw_fsm_cmd *c, uint8_t *buf, size_t cap, size
         break;
     case GW_FSM_ROUTE_DELETE:
         p = put_str16(p, c->name, c->name_len);
+        break;
+    case GW_FSM_QUOTA_ACQUIRE:
+        p = put_str16(p, c->name, c->name_len);
+        p = put_str16(p, c->owner, c->owner_len);
+        p = put_u8(p, c->quota_kind);
+        p = put_u64(p, c->quota_a);
+        p = put_u64(p, c->quota_b);
+        p = put_u64(p, c->count);
+        p = put_u64(p, c->ttl_ms);
+        break;
+    case GW_FSM_QUOTA_RELEASE:
+        p = put_str16(p, c->name, c->name_len);
+        p = put_str16(p, c->owner, c->owner_len);
+        p = put_u64(p, c->grant_id);
+        p = put_u64(p, c->count);
+        break;
+    case GW_FSM_IDEM_BEGIN:
+        p = put_str16(p, c->name, c->name_len);
+        p = put_str16(p, c->key, c->key_len);
+        p = put_u64(p, c->fp_hi);
+        p = put_u64(p, c->fp_lo);
+        p = put_str16(p, c->owner, c->owner_len);
+        p = put_u64(p, c->ttl_ms);
+        break;
+    case GW_FSM_IDEM_FINISH:
+        p = put_str16(p, c->name, c->name_len);
+        p = put_str16(p, c->key, c->key_len);
+        p = put_u64(p, c->claim_id);
+        p = put_u8(p, c->store ? 1 : 0);
+        p = put_u16(p, c->status);
+        p = put_u64(p, c->ttl_ms);
+        p = put_u32(p, (uint32_t)c->headers_len);
+        p = put_mem(p, c->headers, c->headers_len);
+        p = put_u32(p, (uint32_t)c->body_len);
+        p = put_mem(p, c->body, c->body_len);
         break;
     }
     *len = (size_t)(p - buf);
@@ -331,7 +388,8 @@ int gw_fsm_cmd_decode(const uint8_t *buf, size_t len, struct gw_fsm_cmd *c)
     if (!kind_known(c->kind))
         return GW_FSM_ERR_UNSUPPORTED;
     c->flags = (uint8_t)get_le(&r, 1);
-    uint8_t allowed = GW_FSM_F_IDEM | (c->kind == GW_FSM_COUNTER_SET ? GW_FSM_F_EXPECT : 0);
+    uint8_t allowed = (kind_takes_idem(c->kind) ? GW_FSM_F_IDEM : 0) |
+                      (c->kind == GW_FSM_COUNTER_SET ? GW_FSM_F_EXPECT : 0);
     if (c->flags & ~allowed)
         return GW_FSM_ERR_MALFORMED;
     c->now_ms = get_le(&r, 8);
@@ -392,6 +450,45 @@ int gw_fsm_cmd_decode(const uint8_t *buf, size_t len, struct gw_fsm_cmd *c)
     case GW_FSM_ROUTE_DELETE:
         get_str16(&r, &c->name, &c->name_len);
         break;
+    case GW_FSM_QUOTA_ACQUIRE:
+        get_str16(&r, &c->name, &c->name_len);
+        get_str16(&r, &c->owner, &c->owner_len);
+        c->quota_kind = (uint8_t)get_le(&r, 1);
+        c->quota_a = get_le(&r, 8);
+        c->quota_b = get_le(&r, 8);
+        c->count = get_le(&r, 8);
+        c->ttl_ms = get_le(&r, 8);
+        break;
+    case GW_FSM_QUOTA_RELEASE:
+        get_str16(&r, &c->name, &c->name_len);
+        get_str16(&r, &c->owner, &c->owner_len);
+        c->grant_id = get_le(&r, 8);
+        c->count = get_le(&r, 8);
+        break;
+    case GW_FSM_IDEM_BEGIN:
+        get_str16(&r, &c->name, &c->name_len);
+        get_str16(&r, &c->key, &c->key_len);
+        c->fp_hi = get_le(&r, 8);
+        c->fp_lo = get_le(&r, 8);
+        get_str16(&r, &c->owner, &c->owner_len);
+        c->ttl_ms = get_le(&r, 8);
+        break;
+    case GW_FSM_IDEM_FINISH: {
+        get_str16(&r, &c->name, &c->name_len);
+        get_str16(&r, &c->key, &c->key_len);
+        c->claim_id = get_le(&r, 8);
+        uint64_t st = get_le(&r, 1);
+        if (st > 1)
+            r.bad = true;
+        c->store = st == 1;
+        c->status = (uint16_t)get_le(&r, 2);
+        c->ttl_ms = get_le(&r, 8);
+        c->headers_len = (size_t)get_le(&r, 4);
+        c->headers = get_bytes(&r, c->headers_len);
+        c->body_len = (size_t)get_le(&r, 4);
+        c->body = get_bytes(&r, c->body_len);
+        break;
+    }
     }
     if (r.bad || r.left != 0) {
         struct gw_fsm_cmd zero = {0};

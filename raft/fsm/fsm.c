@@ -41,6 +41,8 @@ enum {
     C_TOO_MANY_ROUTES,
     C_IDEM_INVALID,
     C_IDEM_MISMATCH,
+    C_TOO_MANY_QUOTAS,
+    C_TOO_MANY_RECORDS,
     C_COUNT
 };
 
@@ -63,6 +65,8 @@ static const char *const code_names[C_COUNT] = {
     "too_many_routes",
     "idempotency_key_invalid",
     "idempotency_key_mismatch",
+    "too_many_quotas",
+    "too_many_records",
 };
 
 uint8_t fsm_code_count(void)
@@ -84,6 +88,10 @@ void gw_fsm_config_default(struct gw_fsm_config *cfg)
     cfg->max_route_bytes = 65536;
     cfg->max_idem_records = 65536;
     cfg->idem_ttl_ms = 24ull * 3600 * 1000;
+    cfg->max_quotas = 65536;
+    cfg->max_gwidem_records = 65536;
+    cfg->max_gwidem_bytes = 256ull << 20;
+    cfg->max_gwidem_response = 1u << 20;
 }
 
 int gw_fsm_new(const struct gw_fsm_config *cfg, struct gw_fsm **out)
@@ -91,7 +99,9 @@ int gw_fsm_new(const struct gw_fsm_config *cfg, struct gw_fsm **out)
     if (cfg == NULL || out == NULL || cfg->max_leases == 0 || cfg->max_locks == 0 ||
         cfg->max_waiters_per_lock == 0 || cfg->max_waiters == 0 || cfg->max_counters == 0 ||
         cfg->max_routes == 0 || cfg->max_route_bytes == 0 || cfg->max_idem_records == 0 ||
-        cfg->idem_ttl_ms == 0 || cfg->max_leases > (1u << 28))
+        cfg->idem_ttl_ms == 0 || cfg->max_leases > (1u << 28) || cfg->max_quotas == 0 ||
+        cfg->max_quotas > (1u << 28) || cfg->max_gwidem_records == 0 ||
+        cfg->max_gwidem_records > (1u << 28) || cfg->max_gwidem_bytes == 0)
         return GW_FSM_ERR_INVALID;
     struct gw_fsm *f = calloc(1, sizeof(*f));
     if (f == NULL)
@@ -178,7 +188,7 @@ int htab_insert(struct htab *t, uint64_t h, void *p)
 }
 
 /* Removes the slot holding p (backward-shift deletion keeps probe chains unbroken). */
-static void htab_remove(struct htab *t, uint64_t h, const void *p)
+void htab_remove(struct htab *t, uint64_t h, const void *p)
 {
     if (t->cap == 0)
         return;
@@ -308,6 +318,7 @@ void fsm_clear(struct gw_fsm *f)
     htab_free(&f->routes);
     htab_free(&f->idems);
     f->idem_head = f->idem_tail = NULL;
+    fsm_ext_clear(f);
     f->n_waiters = 0;
     f->n_kill = 0;
     f->last_index = f->time = f->last_token = f->route_version = 0;
@@ -538,6 +549,48 @@ static void fail_field(struct gw_fsm_result *res, const char *field, const char 
     put_jstr(res, field, strlen(field));
     err_close(res);
     main_end(res);
+}
+
+/* For quota.c. */
+void fsm_out_begin(struct gw_fsm_result *res, int status)
+{
+    main_begin(res, status, C_NONE);
+}
+
+void fsm_out_put(struct gw_fsm_result *res, const void *s, size_t n)
+{
+    put(res, s, n);
+}
+
+void fsm_out_str(struct gw_fsm_result *res, const char *s)
+{
+    puts_(res, s);
+}
+
+void fsm_out_u64(struct gw_fsm_result *res, uint64_t v)
+{
+    put_u64(res, v);
+}
+
+void fsm_out_key(struct gw_fsm_result *res, const char *key)
+{
+    put_key(res, key);
+}
+
+void fsm_out_end(struct gw_fsm_result *res)
+{
+    main_end(res);
+}
+
+void fsm_out_fail(struct gw_fsm_result *res, int status, enum fsm_out_code code, const char *message)
+{
+    static const int map[] = {C_INVALID_NAME, C_TOO_MANY_QUOTAS, C_TOO_MANY_RECORDS};
+    fail(res, status, map[code], message);
+}
+
+void fsm_out_fail_field(struct gw_fsm_result *res, const char *field, const char *message)
+{
+    fail_field(res, field, message);
 }
 
 /* Starts a wakeup's body; returns its slot or SIZE_MAX when out of memory. */
@@ -1513,6 +1566,14 @@ int gw_fsm_apply(struct gw_fsm *f, uint64_t index, const uint8_t *cmd, size_t le
     case GW_FSM_ROUTE_DELETE:
         do_route_delete(&a, &c);
         break;
+    case GW_FSM_QUOTA_ACQUIRE:
+    case GW_FSM_QUOTA_RELEASE:
+        a.err = fsm_quota_apply(f, &c, index, a.t, res);
+        break;
+    case GW_FSM_IDEM_BEGIN:
+    case GW_FSM_IDEM_FINISH:
+        a.err = fsm_gwidem_apply(f, &c, index, a.t, res);
+        break;
     }
     run_kills(&a);
     if (c.idem_key_len > 0 && a.err == 0)
@@ -1758,4 +1819,10 @@ void gw_fsm_stats(const struct gw_fsm *f, struct gw_fsm_stats *st)
     st->idem_records = f->idems.n;
     st->last_token = f->last_token;
     st->idem_evicted = f->idem_evicted;
+    st->quotas = f->quotas.n;
+    for (uint32_t i = 0; i < f->quotas.cap; i++)
+        if (f->quotas.slots[i].p != NULL)
+            st->quota_grants += ((const struct fsm_quota *)f->quotas.slots[i].p)->n_grants;
+    st->gwidem_records = f->gwidems.n;
+    st->gwidem_bytes = f->gw_bytes;
 }

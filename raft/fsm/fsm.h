@@ -53,7 +53,7 @@ const char *gw_fsm_errname(int err);
 /* ---- Limits ------------------------------------------------------------------------------ */
 
 #define GW_FSM_CMD_VERSION 1
-#define GW_FSM_SNAPSHOT_VERSION 1
+#define GW_FSM_SNAPSHOT_VERSION 2 /* 2 adds quotas and gateway idempotency records; 1 restores */
 #define GW_FSM_MAX_NAME 200      /* lock, counter and route names: 1..200 of [A-Za-z0-9._:-] */
 #define GW_FSM_MAX_OWNER 200     /* lock owners: 1..200 printable ASCII bytes */
 #define GW_FSM_MAX_IDEM_KEY 255  /* idempotency keys: 1..255 printable ASCII bytes */
@@ -61,6 +61,13 @@ const char *gw_fsm_errname(int err);
 #define GW_FSM_TTL_MIN_MS 1000
 #define GW_FSM_TTL_MAX_MS 3600000
 #define GW_FSM_WAIT_MAX_MS 60000
+#define GW_FSM_MAX_QUOTA_ID 255     /* limiter ids: 1..255 printable ASCII bytes */
+#define GW_FSM_MAX_NODE 63          /* node names in quota grants and claims: 1..63 printable */
+#define GW_FSM_QUOTA_LEASE_MAX_MS 60000 /* lease_ms of a quota grant: 1..60000 */
+#define GW_FSM_QUOTA_COUNT_MAX 1000000  /* n in one QUOTA_ACQUIRE or QUOTA_RELEASE */
+#define GW_FSM_QUOTA_GRANTS_MAX 256     /* live grants per limiter; beyond, nothing is granted */
+#define GW_FSM_GWIDEM_MAX_ROUTE 200     /* gateway idempotency: route 1..200 printable bytes */
+#define GW_FSM_GWIDEM_SAFETY_MS 600000  /* an in-flight claim lasts at least this (10 min) */
 
 /*
  * Bounds of the machine. Every replica must use the same values (they decide results); the
@@ -77,11 +84,16 @@ struct gw_fsm_config {
     uint32_t max_route_bytes;      /* one route's JSON; 400 invalid_field beyond */
     uint32_t max_idem_records;     /* the oldest record is evicted beyond */
     uint64_t idem_ttl_ms;          /* fsm time a record is kept */
+    uint32_t max_quotas;           /* cluster limiter states; 503 too_many_quotas beyond */
+    uint32_t max_gwidem_records;   /* gateway idempotency records; 503 too_many_records beyond */
+    uint64_t max_gwidem_bytes;     /* their bytes (keys, headers, bodies); same answer beyond */
+    uint32_t max_gwidem_response;  /* headers + body of one stored response; released beyond */
     uint64_t hash_k0, hash_k1;     /* secret for table hashing (see above) */
 };
 
 /* Defaults: 65536 leases, locks, counters and idempotency records, 1024 waiters per lock and
- * 65536 in all, 1024 routes of at most 64 KiB, idempotency records kept 24 h. Hash key zero. */
+ * 65536 in all, 1024 routes of at most 64 KiB, idempotency records kept 24 h; 65536 quotas,
+ * 65536 gateway idempotency records of at most 256 MiB together and 1 MiB each. Hash key zero. */
 void gw_fsm_config_default(struct gw_fsm_config *cfg);
 
 /* ---- Commands -------------------------------------------------------------------------------
@@ -103,17 +115,23 @@ enum gw_fsm_kind {
     GW_FSM_LOCK_CANCEL_WAIT = 18, /* name, waiter_id u64 */
     GW_FSM_COUNTER_ADD = 32,     /* name, delta i64 */
     GW_FSM_COUNTER_SET = 33,     /* name, value i64, expect i64 when flags has GW_FSM_F_EXPECT */
-    /* 48..63 reserved for the cluster limiter's quota leasing (DESIGN.md, after Doorman):
-     * 48 QUOTA_CONFIGURE, 49 QUOTA_ACQUIRE, 50 QUOTA_RELEASE, 51 QUOTA_EXPIRE. */
+    /* 48..63: the cluster limiter's quota leasing (DESIGN.md, after Doorman); 48, 51.. reserved. */
     GW_FSM_QUOTA_FIRST = 48,
+    GW_FSM_QUOTA_ACQUIRE = 49, /* name = limiter id, owner = node, quota_kind u8, quota_a u64,
+                                  quota_b u64, count u64 (wanted), ttl_ms u64 (lease_ms) */
+    GW_FSM_QUOTA_RELEASE = 50, /* name = limiter id, owner = node, grant_id u64, count u64 */
     GW_FSM_QUOTA_LAST = 63,
-    /* 64..79 reserved for the gateway's replicated idempotency records (API.md section 3):
-     * 64 IDEM_BEGIN, 65 IDEM_FINISH, 66 IDEM_RELEASE, 67 IDEM_EXPIRE. */
+    /* 64..79: the gateway's replicated idempotency records (API.md section 3); 66.. reserved. */
     GW_FSM_IDEM_FIRST = 64,
+    GW_FSM_IDEM_BEGIN = 64,  /* name = route, key, fp_hi u64, fp_lo u64, owner = node, ttl_ms u64 */
+    GW_FSM_IDEM_FINISH = 65, /* name = route, key, claim_id u64, store u8, status u16, ttl_ms u64,
+                                headers (u32 length), body (u32 length) */
     GW_FSM_IDEM_LAST = 79,
     GW_FSM_ROUTE_PUT = 80,       /* name, json (u32 length) */
     GW_FSM_ROUTE_DELETE = 81,    /* name */
 };
+
+enum gw_fsm_quota_kind { GW_FSM_QUOTA_TOKEN_BUCKET = 0, GW_FSM_QUOTA_SLIDING_WINDOW = 1 };
 
 enum gw_fsm_cmd_flags {
     GW_FSM_F_IDEM = 1,   /* an idempotency key follows now_ms */
@@ -143,6 +161,22 @@ struct gw_fsm_cmd {
     bool has_expect;    /* COUNTER_SET */
     int64_t expect;
     const uint64_t *ids; /* LEASE_EXPIRE, encode side only (decode: use gw_fsm_cmd_expire_id) */
+    /* Quotas: name = limiter id, owner = node name. quota_kind GW_FSM_QUOTA_TOKEN_BUCKET with
+     * quota_a = capacity, quota_b = refill_per_sec; GW_FSM_QUOTA_SLIDING_WINDOW with
+     * quota_a = limit, quota_b = window_ms. ttl_ms = lease_ms. */
+    uint8_t quota_kind;
+    uint64_t quota_a, quota_b;
+    uint64_t count;    /* QUOTA_ACQUIRE: wanted; QUOTA_RELEASE: unused, returned */
+    uint64_t grant_id; /* QUOTA_RELEASE: the grant (its ACQUIRE's index) */
+    /* Gateway idempotency: name = route, owner = node, ttl_ms = the record's ttl. */
+    const char *key;
+    size_t key_len;
+    uint64_t fp_hi, fp_lo; /* IDEM_BEGIN */
+    uint64_t claim_id;     /* IDEM_FINISH: the claim (its BEGIN's index) */
+    bool store;            /* IDEM_FINISH: keep the response (else release the claim) */
+    uint16_t status;       /* IDEM_FINISH */
+    const void *headers, *body; /* IDEM_FINISH: opaque bytes */
+    size_t headers_len, body_len;
     size_t n_ids;
     /* Decode side: the bytes after the idempotency key (what a replay must match). */
     const uint8_t *args;
@@ -241,6 +275,15 @@ void gw_fsm_free(struct gw_fsm *f);
  *                  503 too_many_counters
  * COUNTER_SET      200 {"name","value"}; 409 cas_failed {"value": current}
  * ROUTE_PUT        200 {"name","version"}; ROUTE_DELETE 204 / 404 route_not_found
+ * QUOTA_ACQUIRE    200 {"granted":g,"grant":"<index>","lease_ms","remaining","next_ms","reset_ms"}
+ *                  (g <= count; 0 when the budget is spent); 400 invalid_name / invalid_field;
+ *                  503 too_many_quotas. See README.md "Quota leasing".
+ * QUOTA_RELEASE    200 {"released":k,"remaining"}
+ * IDEM_BEGIN       200 {"decision":"execute","claim":"<index>"} | {"decision":"in_flight"} |
+ *                  {"decision":"mismatch"} | {"decision":"replay","status":s,"headers":"<base64>",
+ *                  "body":"<base64>"}; 400 invalid_field; 503 too_many_records
+ * IDEM_FINISH      200 {"result":"stored"|"released"|"stale"|"too_large"}
+ * The quota and IDEM_ kinds take no /v1 idempotency key (the decoder refuses the flag).
  * With an idempotency key: 400 idempotency_key_invalid; 422 idempotency_key_mismatch when the
  * key (per kind) was used with other arguments; a replay returns the stored result.
  *
@@ -303,6 +346,7 @@ struct gw_fsm_stats {
     uint64_t leases, locks, waiters, counters, routes, idem_records;
     uint64_t last_token;       /* the fencing token counter */
     uint64_t idem_evicted;     /* records dropped by the count bound before their TTL (local) */
+    uint64_t quotas, quota_grants, gwidem_records, gwidem_bytes;
 };
 void gw_fsm_stats(const struct gw_fsm *f, struct gw_fsm_stats *st);
 

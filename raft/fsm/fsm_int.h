@@ -86,6 +86,44 @@ struct fsm_idem {
     char key[];
 };
 
+/* A quota grant: tokens or window slots a node may spend before deadline (fsm ms). */
+struct fsm_grant {
+    uint64_t id;       /* the index of its QUOTA_ACQUIRE */
+    uint64_t count;    /* still counted (granted minus released) */
+    uint64_t deadline; /* spendable while t < deadline */
+    uint8_t node_len;
+    char node[GW_FSM_MAX_NODE + 1];
+};
+
+/* One cluster limiter (quota.c): a token bucket or a sliding window and its live grants. */
+struct fsm_quota {
+    uint8_t kind;             /* enum gw_fsm_quota_kind */
+    uint64_t a, b;            /* capacity, refill_per_sec / limit, window_ms */
+    uint64_t nanotokens;      /* token bucket: the unallotted budget B (nano-tokens) */
+    uint64_t updated_ns;      /* token bucket: fsm time of the last refill, ns */
+    uint64_t outstanding;     /* sum of the grants' counts */
+    struct fsm_grant *grants; /* owned; n_grants in id (= time) order */
+    uint32_t n_grants, cap_grants;
+    uint8_t id_len;
+    char id[GW_FSM_MAX_QUOTA_ID + 1];
+};
+
+/* One gateway idempotency record (quota.c): in flight under a claim, or completed. */
+struct fsm_gwidem {
+    struct fsm_gwidem *prev, *next; /* the sweep ring's order (head examined first) */
+    uint64_t claim;                 /* the index of its IDEM_BEGIN */
+    uint64_t fp[2];
+    uint64_t deadline; /* in flight: safety expiry; completed: expiry (fsm ms) */
+    uint64_t bytes;    /* counted against max_gwidem_bytes */
+    uint8_t *resp;     /* owned: headers_len bytes of headers, then body_len of body */
+    uint32_t headers_len, body_len;
+    uint16_t status;
+    bool completed;
+    uint8_t node_len, route_len, key_len;
+    char node[GW_FSM_MAX_NODE + 1];
+    char name[]; /* route bytes, then key bytes */
+};
+
 /* Open addressing with linear probing and backward-shift deletion; load at most 1/2. */
 struct htab_slot {
     uint64_t h;
@@ -109,6 +147,11 @@ struct gw_fsm {
     uint64_t n_waiters;
     struct fsm_idem *idem_head, *idem_tail;
     uint64_t idem_evicted;
+    /* Quotas and gateway idempotency records (quota.c). */
+    struct htab quotas, gwidems;
+    uint64_t quota_sweep_at; /* fsm time of the last full sweep of idle quotas */
+    struct fsm_gwidem *gw_head, *gw_tail;
+    uint64_t gw_bytes;
     /* Scratch of one apply: leases to expire. */
     struct fsm_lease **kill;
     size_t n_kill, kill_cap;
@@ -119,6 +162,7 @@ uint64_t fsm_hash_name(const struct gw_fsm *f, const char *name, size_t len);
 uint64_t fsm_hash_id(uint64_t id);
 uint64_t fsm_hash_idem(const struct gw_fsm *f, uint8_t kind, const char *key, size_t len);
 int htab_insert(struct htab *t, uint64_t h, void *p);
+void htab_remove(struct htab *t, uint64_t h, const void *p);
 void htab_free(struct htab *t);
 
 struct fsm_lease *fsm_lease_find(const struct gw_fsm *f, uint64_t id);
@@ -141,5 +185,32 @@ int fsm_cmp_route(const void *a, const void *b);
 uint8_t fsm_code_count(void);
 
 uint32_t fsm_crc32(const uint8_t *p, size_t n);
+
+/* Result building for quota.c (fsm.c keeps the error code table). */
+enum fsm_out_code { FSM_OUT_INVALID_NAME, FSM_OUT_TOO_MANY_QUOTAS, FSM_OUT_TOO_MANY_RECORDS };
+void fsm_out_begin(struct gw_fsm_result *res, int status);
+void fsm_out_put(struct gw_fsm_result *res, const void *s, size_t n);
+void fsm_out_str(struct gw_fsm_result *res, const char *s);
+void fsm_out_u64(struct gw_fsm_result *res, uint64_t v);
+void fsm_out_key(struct gw_fsm_result *res, const char *key); /* "key": */
+void fsm_out_end(struct gw_fsm_result *res);
+void fsm_out_fail(struct gw_fsm_result *res, int status, enum fsm_out_code code, const char *message);
+void fsm_out_fail_field(struct gw_fsm_result *res, const char *field, const char *message);
+
+/* quota.c: apply of the quota and gateway idempotency kinds at fsm time t; returns 0 or
+ * GW_FSM_ERR_NOMEM. Lookups, frees and the snapshot's helpers. */
+int fsm_quota_apply(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64_t index, uint64_t t,
+                    struct gw_fsm_result *res);
+int fsm_gwidem_apply(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64_t index, uint64_t t,
+                     struct gw_fsm_result *res);
+struct fsm_quota *fsm_quota_find(const struct gw_fsm *f, const char *id, size_t len);
+uint64_t fsm_quota_hash(const struct gw_fsm *f, const char *id, size_t len);
+struct fsm_gwidem *fsm_gwidem_find(const struct gw_fsm *f, const char *route, size_t rl, const char *key,
+                                   size_t kl);
+uint64_t fsm_gwidem_hash(const struct gw_fsm *f, const char *route, size_t rl, const char *key, size_t kl);
+void fsm_gwidem_link_tail(struct gw_fsm *f, struct fsm_gwidem *r);
+int fsm_cmp_quota(const void *a, const void *b);
+bool fsm_printable(const char *s, size_t len, size_t max);
+void fsm_ext_clear(struct gw_fsm *f);
 
 #endif

@@ -14,12 +14,20 @@
  * bytes), owner, lease_id, token, n_waiters u32, then per waiter id, lease_id, ttl_ms, deadline,
  * owner; counters: n u32, then name, value; routes: n u32, then name, version, json (u32 length);
  * idempotency records: n u32, then kind u8, key, created_at, fp0, fp1, status u16, code u8,
- * queued u8, waiter_id, body (u32 length); finally a CRC-32 (IEEE) of everything before it.
+ * queued u8, waiter_id, body (u32 length); then (version 2) the quotas: quota_sweep_at, n u32,
+ * then by id: id (u8 length), kind u8, a, b, nanotokens, updated_ns, n_grants u32, per grant id,
+ * count, deadline, node; the gateway idempotency records in sweep order: n u32, then route, key,
+ * completed u8, claim, fp0, fp1, deadline, status u16, node, headers and body (u32 length each);
+ * finally a CRC-32 (IEEE) of everything before it. A version 1 image restores with no quotas
+ * and no gateway records.
  */
 #include "fsm_int.h"
 
 #include <stdlib.h>
 #include <string.h>
+
+#include "sliding_window.h"
+#include "token_bucket.h"
 
 static const uint8_t magic[4] = {'G', 'W', 'F', 'S'};
 
@@ -162,6 +170,45 @@ int gw_fsm_snapshot(const struct gw_fsm *f, uint8_t **buf, size_t *len)
         w_le(&w, r->body_len, 4);
         w_bytes(&w, r->body, r->body_len);
     }
+
+    w_le(&w, f->quota_sweep_at, 8);
+    if ((rc = fsm_sorted(&f->quotas, fsm_cmp_quota, &v)) < 0)
+        goto fail;
+    w_le(&w, f->quotas.n, 4);
+    for (uint32_t i = 0; i < f->quotas.n; i++) {
+        const struct fsm_quota *q = v[i];
+        w_str8(&w, q->id, q->id_len);
+        w_le(&w, q->kind, 1);
+        w_le(&w, q->a, 8);
+        w_le(&w, q->b, 8);
+        w_le(&w, q->nanotokens, 8);
+        w_le(&w, q->updated_ns, 8);
+        w_le(&w, q->n_grants, 4);
+        for (uint32_t k = 0; k < q->n_grants; k++) {
+            w_le(&w, q->grants[k].id, 8);
+            w_le(&w, q->grants[k].count, 8);
+            w_le(&w, q->grants[k].deadline, 8);
+            w_str8(&w, q->grants[k].node, q->grants[k].node_len);
+        }
+    }
+    free(v);
+    v = NULL;
+    w_le(&w, f->gwidems.n, 4);
+    for (const struct fsm_gwidem *r = f->gw_head; r != NULL; r = r->next) {
+        w_str8(&w, r->name, r->route_len);
+        w_str8(&w, r->name + r->route_len, r->key_len);
+        w_le(&w, r->completed, 1);
+        w_le(&w, r->claim, 8);
+        w_le(&w, r->fp[0], 8);
+        w_le(&w, r->fp[1], 8);
+        w_le(&w, r->deadline, 8);
+        w_le(&w, r->status, 2);
+        w_str8(&w, r->node, r->node_len);
+        w_le(&w, r->headers_len, 4);
+        w_bytes(&w, r->resp, r->headers_len);
+        w_le(&w, r->body_len, 4);
+        w_bytes(&w, r->resp + r->headers_len, r->body_len);
+    }
     if (!w.oom)
         w_le(&w, fsm_crc32(w.p, w.len), 4);
     if (w.oom) {
@@ -245,6 +292,132 @@ static struct fsm_waiter *waiter_by_id(struct fsm_waiter **v, size_t n, uint64_t
     return NULL;
 }
 
+#define NANO UINT64_C(1000000000)
+
+/* The version 2 sections: quotas and gateway idempotency records. */
+static int load_ext(struct gw_fsm *g, struct rd *r)
+{
+    const char *s;
+    size_t n;
+    g->quota_sweep_at = r_le(r, 8);
+    if (g->quota_sweep_at > g->time)
+        return GW_FSM_ERR_MALFORMED;
+    uint32_t count = (uint32_t)r_le(r, 4);
+    const char *prev = NULL;
+    size_t prev_len = 0;
+    for (uint32_t i = 0; i < count && !r->bad; i++) {
+        s = r_str8(r, &n);
+        uint8_t kind = (uint8_t)r_le(r, 1);
+        uint64_t a = r_le(r, 8), b = r_le(r, 8), nt = r_le(r, 8), upd = r_le(r, 8);
+        uint32_t ng = (uint32_t)r_le(r, 4);
+        if (r->bad || !fsm_printable(s, n, GW_FSM_MAX_QUOTA_ID) || ng > GW_FSM_QUOTA_GRANTS_MAX || kind > 1)
+            return GW_FSM_ERR_MALFORMED;
+        /* Strictly increasing ids: canonical and unique. */
+        if (prev != NULL) {
+            size_t m = prev_len < n ? prev_len : n;
+            int c = memcmp(prev, s, m);
+            if (c > 0 || (c == 0 && prev_len >= n))
+                return GW_FSM_ERR_MALFORMED;
+        }
+        prev = s;
+        prev_len = n;
+        if (kind == GW_FSM_QUOTA_TOKEN_BUCKET) {
+            struct gw_token_bucket_config tc = {a, b};
+            if (gw_token_bucket_config_check(&tc) != 0)
+                return GW_FSM_ERR_MALFORMED;
+        } else {
+            struct gw_sliding_window_config sc = {a, b, 0};
+            if (gw_sliding_window_config_check(&sc) != 0 || nt != 0)
+                return GW_FSM_ERR_MALFORMED;
+        }
+        struct fsm_quota *q = calloc(1, sizeof(*q));
+        struct fsm_grant *gr = ng ? calloc(ng, sizeof(*gr)) : NULL;
+        if (q == NULL || (ng && gr == NULL) || htab_insert(&g->quotas, fsm_quota_hash(g, s, n), q) < 0) {
+            free(q);
+            free(gr);
+            return GW_FSM_ERR_NOMEM;
+        }
+        q->id_len = (uint8_t)n;
+        memcpy(q->id, s, n);
+        q->kind = kind;
+        q->a = a;
+        q->b = b;
+        q->nanotokens = nt;
+        q->updated_ns = upd;
+        q->grants = gr;
+        q->cap_grants = q->n_grants = ng;
+        uint64_t out = 0, last_id = 0;
+        for (uint32_t k = 0; k < ng; k++) {
+            gr[k].id = r_le(r, 8);
+            gr[k].count = r_le(r, 8);
+            gr[k].deadline = r_le(r, 8);
+            s = r_str8(r, &n);
+            if (r->bad || gr[k].id <= last_id || gr[k].id > g->last_index || gr[k].count == 0 ||
+                gr[k].count > GW_FSM_QUOTA_COUNT_MAX || !fsm_printable(s, n, GW_FSM_MAX_NODE))
+                return GW_FSM_ERR_MALFORMED;
+            last_id = gr[k].id;
+            gr[k].node_len = (uint8_t)n;
+            memcpy(gr[k].node, s, n);
+            out += gr[k].count;
+        }
+        q->outstanding = out;
+        if (out > a || (kind == GW_FSM_QUOTA_TOKEN_BUCKET && nt > (a - out) * NANO))
+            return GW_FSM_ERR_MALFORMED;
+    }
+    count = (uint32_t)r_le(r, 4);
+    for (uint32_t i = 0; i < count && !r->bad; i++) {
+        size_t rl, kl, nl;
+        const char *route = r_str8(r, &rl);
+        const char *key = r_str8(r, &kl);
+        uint8_t completed = (uint8_t)r_le(r, 1);
+        uint64_t claim = r_le(r, 8), fp0 = r_le(r, 8), fp1 = r_le(r, 8), deadline = r_le(r, 8);
+        uint16_t status = (uint16_t)r_le(r, 2);
+        const char *node = r_str8(r, &nl);
+        size_t hl = (size_t)r_le(r, 4);
+        const char *hs = r_bytes(r, hl);
+        size_t bl = (size_t)r_le(r, 4);
+        const char *bs = r_bytes(r, bl);
+        if (r->bad || !fsm_printable(route, rl, GW_FSM_GWIDEM_MAX_ROUTE) || !gw_fsm_idem_key_valid(key, kl) ||
+            !fsm_printable(node, nl, GW_FSM_MAX_NODE) || completed > 1 || claim == 0 ||
+            claim > g->last_index || (!completed && (hl || bl || status)) ||
+            fsm_gwidem_find(g, route, rl, key, kl) != NULL)
+            return GW_FSM_ERR_MALFORMED;
+        struct fsm_gwidem *rec = calloc(1, sizeof(*rec) + rl + kl);
+        uint8_t *resp = completed ? malloc(hl + bl ? hl + bl : 1) : NULL;
+        if (rec == NULL || (completed && resp == NULL) ||
+            htab_insert(&g->gwidems, fsm_gwidem_hash(g, route, rl, key, kl), rec) < 0) {
+            free(rec);
+            free(resp);
+            return GW_FSM_ERR_NOMEM;
+        }
+        memcpy(rec->name, route, rl);
+        memcpy(rec->name + rl, key, kl);
+        rec->route_len = (uint8_t)rl;
+        rec->key_len = (uint8_t)kl;
+        memcpy(rec->node, node, nl);
+        rec->node_len = (uint8_t)nl;
+        rec->completed = completed != 0;
+        rec->claim = claim;
+        rec->fp[0] = fp0;
+        rec->fp[1] = fp1;
+        rec->deadline = deadline;
+        rec->status = status;
+        if (resp != NULL) {
+            if (hl)
+                memcpy(resp, hs, hl);
+            if (bl)
+                memcpy(resp + hl, bs, bl);
+        }
+        rec->resp = resp;
+        rec->headers_len = (uint32_t)hl;
+        rec->body_len = (uint32_t)bl;
+        rec->bytes = sizeof(*rec) + rl + kl + hl + bl;
+        g->gw_bytes += rec->bytes;
+        fsm_gwidem_link_tail(g, rec);
+    }
+    return r->bad ? GW_FSM_ERR_MALFORMED : 0;
+}
+
 /* Reads the image into g (an empty machine with f's config); leaves partial state on error. */
 static int load(struct gw_fsm *g, const uint8_t *buf, size_t len)
 {
@@ -257,7 +430,7 @@ static int load(struct gw_fsm *g, const uint8_t *buf, size_t len)
     size_t n;
 
     r_bytes(&r, 4);
-    r_le(&r, 1);
+    uint8_t img_version = (uint8_t)r_le(&r, 1);
     g->last_index = r_le(&r, 8);
     g->time = r_le(&r, 8);
     g->last_token = r_le(&r, 8);
@@ -485,6 +658,12 @@ static int load(struct gw_fsm *g, const uint8_t *buf, size_t len)
             g->idem_head = rec;
         g->idem_tail = rec;
     }
+    if (img_version >= 2 && !r.bad) {
+        rc = load_ext(g, &r);
+        if (rc < 0)
+            goto out;
+        rc = GW_FSM_ERR_MALFORMED;
+    }
     rc = (r.bad || r.left != 0) ? GW_FSM_ERR_MALFORMED : 0;
 out:
     free(v);
@@ -498,7 +677,7 @@ int gw_fsm_restore(struct gw_fsm *f, const uint8_t *buf, size_t len)
         return GW_FSM_ERR_MALFORMED;
     if (memcmp(buf, magic, 4) != 0)
         return GW_FSM_ERR_MALFORMED;
-    if (buf[4] != GW_FSM_SNAPSHOT_VERSION)
+    if (buf[4] != 1 && buf[4] != GW_FSM_SNAPSHOT_VERSION)
         return GW_FSM_ERR_UNSUPPORTED;
     uint32_t want = (uint32_t)buf[len - 4] | (uint32_t)buf[len - 3] << 8 | (uint32_t)buf[len - 2] << 16 |
                     (uint32_t)buf[len - 1] << 24;

@@ -118,7 +118,7 @@ static void decoder_rejects_versions_reserved_kinds_flags_and_padding(void **sta
     buf[0] = 2;
     assert_int_equal(gw_fsm_cmd_decode(buf, len, &d), GW_FSM_ERR_UNSUPPORTED);
     buf[0] = GW_FSM_CMD_VERSION;
-    const uint8_t reserved[] = {0, 5, 15, 19, 34, GW_FSM_QUOTA_FIRST, GW_FSM_QUOTA_LAST, GW_FSM_IDEM_FIRST,
+    const uint8_t reserved[] = {0, 5, 15, 19, 34, GW_FSM_QUOTA_FIRST, 51, GW_FSM_QUOTA_LAST, 66,
                                 GW_FSM_IDEM_LAST, 82, 255};
     for (size_t i = 0; i < sizeof(reserved); i++) {
         buf[1] = reserved[i];

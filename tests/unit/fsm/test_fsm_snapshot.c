@@ -53,7 +53,7 @@ static size_t gen_cmd(struct gen *g, const struct gw_fsm *f, uint8_t *buf, size_
     gw_fsm_stats(f, &st);
     uint64_t recent = g->index > 40 ? g->index - 40 + rnd(g) % 41 : 1 + rnd(g) % (g->index + 1);
     struct gw_fsm_cmd c = {.now_ms = g->now};
-    switch (rnd(g) % 16) {
+    switch (rnd(g) % 20) {
     case 0:
         c.kind = GW_FSM_LEASE_GRANT;
         c.ttl_ms = rnd(g) % 20 == 0 ? 500 : 1000 + rnd(g) % 4000;
@@ -124,9 +124,51 @@ static size_t gen_cmd(struct gen *g, const struct gw_fsm *f, uint8_t *buf, size_
         c.name = PICK(g, names);
         c.json = rnd(g) % 2 ? "{\"x\":1}" : "{\"y\":[1,2]}";
         break;
-    default:
+    case 15:
         c.kind = GW_FSM_ROUTE_DELETE;
         c.name = PICK(g, names);
+        break;
+    case 16:
+        c.kind = GW_FSM_QUOTA_ACQUIRE;
+        c.name = PICK(g, names);
+        c.owner = PICK(g, owners);
+        c.quota_kind = (uint8_t)(c.name[0] == 'a' || c.name[0] == 'c' ? GW_FSM_QUOTA_SLIDING_WINDOW
+                                                                      : GW_FSM_QUOTA_TOKEN_BUCKET);
+        c.quota_a = 5 + rnd(g) % 3;
+        c.quota_b = c.quota_kind == GW_FSM_QUOTA_TOKEN_BUCKET ? 3 : 1000 + rnd(g) % 2 * 500;
+        c.count = 1 + rnd(g) % 4;
+        c.ttl_ms = rnd(g) % 30 == 0 ? 0 : 100 + rnd(g) % 900;
+        break;
+    case 17:
+        c.kind = GW_FSM_QUOTA_RELEASE;
+        c.name = PICK(g, names);
+        c.owner = PICK(g, owners);
+        c.grant_id = recent;
+        c.count = 1 + rnd(g) % 3;
+        break;
+    case 18:
+        c.kind = GW_FSM_IDEM_BEGIN;
+        c.name = PICK(g, names);
+        c.key = PICK(g, keys);
+        c.key_len = strlen(c.key);
+        c.owner = PICK(g, owners);
+        c.fp_hi = rnd(g) % 2;
+        c.fp_lo = 7;
+        c.ttl_ms = rnd(g) % 2 ? 2000 : 900000;
+        break;
+    default:
+        c.kind = GW_FSM_IDEM_FINISH;
+        c.name = PICK(g, names);
+        c.key = PICK(g, keys);
+        c.key_len = strlen(c.key);
+        c.claim_id = recent;
+        c.store = rnd(g) % 3 != 0;
+        c.status = 200;
+        c.headers = "h: 1";
+        c.headers_len = 4;
+        c.body = rnd(g) % 2 ? "ok" : "";
+        c.body_len = strlen(c.body);
+        c.ttl_ms = 1000 + rnd(g) % 3000;
         break;
     }
     if (c.name != NULL && c.name_len == 0)
@@ -135,14 +177,14 @@ static size_t gen_cmd(struct gen *g, const struct gw_fsm *f, uint8_t *buf, size_
         c.owner_len = strlen(c.owner);
     if (c.json != NULL)
         c.json_len = strlen(c.json);
-    if (rnd(g) % 4 == 0) {
+    if (rnd(g) % 4 == 0 && c.kind < GW_FSM_QUOTA_FIRST) {
         c.idem_key = PICK(g, keys);
         c.idem_key_len = strlen(c.idem_key);
     }
     size_t len;
     assert_int_equal(gw_fsm_cmd_encode(&c, buf, cap, &len), 0);
     if (rnd(g) % 200 == 0)
-        buf[1] = 49; /* now and then an entry this version cannot apply */
+        buf[1] = 51; /* now and then an entry this version cannot apply */
     g->index += 1 + (rnd(g) % 10 == 0); /* sometimes an entry without a command in between */
     return len;
 }
