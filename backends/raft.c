@@ -479,8 +479,16 @@ static int raft_limiter_create(void *impl, const struct gw_limiter_spec *spec, v
   struct gw_store_raft_tuning t = st->tune;
   pthread_mutex_unlock(&st->mu);
   if (spec->kind == GW_LIMITER_TOKEN_BUCKET) {
+    /* Granted tokens count against the bucket until their lease ends, so the cluster can
+     * take at most capacity per lease: keep the lease to a quarter of the time the bucket
+     * takes to refill, so the bucket, not the leasing, is what limits. */
     l->q = spec->tb.capacity;
-    l->lease_ms = t.tb_lease_ms;
+    uint64_t fill_ms = spec->tb.capacity * 1000 / spec->tb.refill_per_sec;
+    l->lease_ms = fill_ms / 4;
+    if (l->lease_ms < 20)
+      l->lease_ms = 20;
+    if (l->lease_ms > t.tb_lease_ms)
+      l->lease_ms = t.tb_lease_ms;
   } else {
     l->q = spec->sw.limit;
     uint64_t w = spec->sw.window_ms / 20;

@@ -1,0 +1,340 @@
+/*
+ * test_raft_store.c - the raft store against a real single-node Raft group in this process (a
+ * gw_node on a temporary data directory). Several store instances on the one node, each with
+ * its own node name, stand for the gateway nodes of a cluster: they share the state machine's
+ * budget exactly as separate nodes would, so the cluster-wide bound can be checked here: across
+ * all instances, admissions never exceed the limit; the local allotment path serves requests
+ * without waiting; idle allotments go back; and the idempotency records answer execute, in
+ * flight, mismatch and replay across instances.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "node.h"
+#include "raft.h"
+
+static struct gw_node *node;
+static char dir[256];
+
+static uint64_t now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_ms(unsigned ms)
+{
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static int setup(void **state)
+{
+  (void)state;
+  snprintf(dir, sizeof(dir), "%s/raftstore-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+  if (!mkdtemp(dir))
+    return -1;
+  struct gw_node_config c;
+  memset(&c, 0, sizeof(c));
+  snprintf(c.name, sizeof(c.name), "n1");
+  snprintf(c.data_dir, sizeof(c.data_dir), "%s", dir);
+  c.election_timeout_ms = 150;
+  c.heartbeat_ms = 30;
+  c.snapshot_every = 100000;
+  c.cluster_id = 7;
+  c.peers[0].id = gw_node_id_from_name("n1");
+  snprintf(c.peers[0].name, sizeof(c.peers[0].name), "n1");
+  snprintf(c.peers[0].api, sizeof(c.peers[0].api), "127.0.0.1:1");
+  c.peer_count = 1;
+  char err[512];
+  if (gw_node_start(&c, &node, err, sizeof(err)) != 0) {
+    fprintf(stderr, "%s\n", err);
+    return -1;
+  }
+  for (int i = 0; i < 500; i++) {
+    struct gw_node_status st;
+    gw_node_status(node, &st);
+    if (st.role && strcmp(st.role, "leader") == 0)
+      return 0;
+    sleep_ms(10);
+  }
+  return -1;
+}
+
+static int teardown(void **state)
+{
+  (void)state;
+  gw_node_stop(node);
+  char cmd[300];
+  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+  return system(cmd) == 0 ? 0 : -1;
+}
+
+static void *open_store(const char *name)
+{
+  void *st;
+  assert_int_equal(gw_store_raft_open(node, name, &st), 0);
+  return st;
+}
+
+static void *make_limiter(void *st, const char *route, enum gw_limiter_kind kind, uint64_t a, uint64_t b)
+{
+  struct gw_limiter_spec spec;
+  memset(&spec, 0, sizeof(spec));
+  spec.kind = kind;
+  spec.max_keys = 64;
+  spec.seed.k0 = 1;
+  if (kind == GW_LIMITER_TOKEN_BUCKET) {
+    spec.tb.capacity = a;
+    spec.tb.refill_per_sec = b;
+  } else {
+    spec.sw.limit = a;
+    spec.sw.window_ms = b;
+  }
+  struct gw_store_raft_scope sc = gw_store_raft_scope(st, route);
+  void *lim;
+  assert_int_equal(gw_store_raft.limiter_create(&sc, &spec, &lim), 0);
+  return lim;
+}
+
+static void cold_key_is_refused_then_served_from_the_allotment(void **state)
+{
+  (void)state;
+  void *st = open_store("g1");
+  void *lim = make_limiter(st, "cold", GW_LIMITER_TOKEN_BUCKET, 100, 10);
+  struct gw_ratelimit_info info;
+  assert_false(gw_store_raft.limiter_admit(lim, "k", 1, now_ns(), &info, NULL));
+  assert_int_equal(info.retry_after_s, 1);
+  int ok = 0;
+  for (int i = 0; i < 200 && ok == 0; i++) {
+    sleep_ms(5);
+    ok += gw_store_raft.limiter_admit(lim, "k", 1, now_ns(), &info, NULL);
+  }
+  assert_int_equal(ok, 1);
+  assert_int_equal(info.limit, 100);
+  assert_true(info.remaining >= 90 && info.remaining <= 100);
+  struct gw_store_raft_stats s;
+  gw_store_raft_stats(st, &s);
+  assert_true(s.refills >= 1);
+  gw_store_raft.limiter_destroy(lim);
+  gw_store_raft_close(st);
+}
+
+/* Three instances hammer one key for about a second: never more than the limit in all. */
+static void three_nodes_never_exceed_a_token_bucket(void **state)
+{
+  (void)state;
+  void *st[3] = {open_store("a1"), open_store("a2"), open_store("a3")};
+  void *lim[3];
+  for (int i = 0; i < 3; i++)
+    lim[i] = make_limiter(st[i], "tb3", GW_LIMITER_TOKEN_BUCKET, 200, 400);
+  uint64_t t0 = now_ns(), admitted = 0, attempts = 0;
+  while (now_ns() - t0 < 1000000000ull) {
+    for (int i = 0; i < 3; i++) {
+      attempts++;
+      admitted += gw_store_raft.limiter_admit(lim[i], "", 0, now_ns(), NULL, NULL);
+    }
+    if (attempts % 300 == 0)
+      sleep_ms(1);
+  }
+  uint64_t el_ms = (now_ns() - t0) / 1000000 + 1;
+  uint64_t bound = 200 + 400 * el_ms / 1000;
+  fprintf(stderr, "token bucket: %llu admitted of %llu attempts, bound %llu\n",
+          (unsigned long long)admitted, (unsigned long long)attempts, (unsigned long long)bound);
+  assert_true(admitted <= bound);
+  assert_true(admitted >= bound / 2); /* the allotments keep up */
+  for (int i = 0; i < 3; i++) {
+    gw_store_raft.limiter_destroy(lim[i]);
+    gw_store_raft_close(st[i]);
+  }
+}
+
+static void three_nodes_never_exceed_a_sliding_window(void **state)
+{
+  (void)state;
+  void *st[3] = {open_store("b1"), open_store("b2"), open_store("b3")};
+  void *lim[3];
+  for (int i = 0; i < 3; i++)
+    lim[i] = make_limiter(st[i], "sw3", GW_LIMITER_SLIDING_WINDOW, 150, 2000);
+  uint64_t t0 = now_ns(), admitted = 0;
+  while (now_ns() - t0 < 1500000000ull) {
+    for (int i = 0; i < 3; i++)
+      admitted += gw_store_raft.limiter_admit(lim[i], "ip", 2, now_ns(), NULL, NULL);
+    sleep_ms(1);
+  }
+  /* any trailing 2 s window: all of them, since the run is shorter */
+  fprintf(stderr, "sliding window: %llu admitted (limit 150 per 2 s)\n", (unsigned long long)admitted);
+  assert_true(admitted <= 150);
+  assert_true(admitted >= 100);
+  for (int i = 0; i < 3; i++) {
+    gw_store_raft.limiter_destroy(lim[i]);
+    gw_store_raft_close(st[i]);
+  }
+}
+
+static void idle_allotment_goes_back_to_the_cluster(void **state)
+{
+  (void)state;
+  void *a = open_store("c1"), *b = open_store("c2");
+  void *la = make_limiter(a, "idle", GW_LIMITER_TOKEN_BUCKET, 40, 1);
+  void *lb = make_limiter(b, "idle", GW_LIMITER_TOKEN_BUCKET, 40, 1);
+  /* a takes a few batches, then goes idle holding part of them */
+  int got = 0;
+  for (int i = 0; i < 100 && got < 12; i++) {
+    got += gw_store_raft.limiter_admit(la, "", 0, now_ns(), NULL, NULL);
+    sleep_ms(1);
+  }
+  assert_int_equal(got, 12);
+  sleep_ms(600); /* idle: what a holds goes back */
+  struct gw_store_raft_stats s;
+  gw_store_raft_stats(a, &s);
+  fprintf(stderr, "idle: a admitted %d, released %llu units in %llu releases\n", got,
+          (unsigned long long)s.release_units, (unsigned long long)s.releases);
+  assert_true(s.release_units > 0);
+  int got_b = 0;
+  for (int i = 0; i < 600; i++) {
+    got_b += gw_store_raft.limiter_admit(lb, "", 0, now_ns(), NULL, NULL);
+    sleep_ms(1);
+  }
+  fprintf(stderr, "idle: then b admitted %d\n", got_b);
+  assert_true(got + got_b <= 40 + 3); /* refill 1/s over at most 2 s */
+  assert_true(got_b >= 20);
+  gw_store_raft.limiter_destroy(la);
+  gw_store_raft.limiter_destroy(lb);
+  gw_store_raft_close(a);
+  gw_store_raft_close(b);
+}
+
+/* ---- Idempotency ---------------------------------------------------------------------------- */
+
+struct waiter {
+  struct gw_store_op op;
+  atomic_int done;
+  char copied[64];
+  int copied_status;
+};
+
+static void on_done(struct gw_store_op *op)
+{
+  struct waiter *w = op->ctx;
+  atomic_store(&w->done, 1);
+}
+
+static int copy_fn(void *ctx, const struct gw_idem_response *r)
+{
+  struct waiter *w = ctx;
+  w->copied_status = r->status;
+  snprintf(w->copied, sizeof(w->copied), "%.*s|%.*s", (int)r->headers_len, (const char *)r->headers,
+           (int)r->body_len, (const char *)r->body);
+  return 0;
+}
+
+static void wait_op(struct waiter *w)
+{
+  for (int i = 0; i < 5000 && !atomic_load(&w->done); i++)
+    sleep_ms(1);
+  assert_true(atomic_load(&w->done));
+}
+
+static void begin(void *idem, const char *key, uint64_t fp, struct waiter *w)
+{
+  memset(w, 0, sizeof(*w));
+  w->op.done = on_done;
+  w->op.ctx = w;
+  struct gw_idem_fingerprint f = {fp, fp + 1};
+  assert_int_equal(gw_store_raft.idem_begin_async(idem, "orders", 6, key, strlen(key), &f, now_ns(),
+                                                  copy_fn, w, &w->op),
+                   0);
+  wait_op(w);
+}
+
+static void idempotency_across_nodes(void **state)
+{
+  (void)state;
+  void *a = open_store("d1"), *b = open_store("d2");
+  struct gw_idem_config cfg = {.max_records = 1000, .max_bytes = 1 << 20, .ttl_ms = 60000};
+  void *ia, *ib;
+  assert_int_equal(gw_store_raft.idem_create(a, &cfg, &ia), 0);
+  assert_int_equal(gw_store_raft.idem_create(b, &cfg, &ib), 0);
+  struct waiter w;
+  begin(ia, "key-1", 10, &w);
+  assert_int_equal(w.op.err, 0);
+  assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
+  struct gw_idem_claim claim = w.op.claim;
+  begin(ib, "key-1", 10, &w);
+  assert_int_equal(w.op.decision, GW_IDEM_IN_FLIGHT);
+  begin(ib, "key-1", 11, &w);
+  assert_int_equal(w.op.decision, GW_IDEM_MISMATCH);
+  /* a claim this instance does not hold */
+  struct gw_idem_response resp = {.status = 201, .headers = "X-A: 1", .headers_len = 6, .body = "made",
+                                  .body_len = 4};
+  assert_int_equal(gw_store_raft.idem_finish_async(ib, &claim, GW_IDEM_FROM_UPSTREAM, &resp, now_ns(), NULL),
+                   GW_POLICY_ESTALE);
+  memset(&w, 0, sizeof(w));
+  w.op.done = on_done;
+  w.op.ctx = &w;
+  assert_int_equal(gw_store_raft.idem_finish_async(ia, &claim, GW_IDEM_FROM_UPSTREAM, &resp, now_ns(), &w.op), 0);
+  wait_op(&w);
+  assert_int_equal(w.op.err, 0);
+  begin(ib, "key-1", 10, &w);
+  assert_int_equal(w.op.err, 0);
+  assert_int_equal(w.op.decision, GW_IDEM_REPLAY);
+  assert_int_equal(w.copied_status, 201);
+  assert_string_equal(w.copied, "X-A: 1|made");
+  /* not sent: released, so the key can be claimed again */
+  begin(ia, "key-2", 1, &w);
+  assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
+  claim = w.op.claim;
+  assert_int_equal(gw_store_raft.idem_finish_async(ia, &claim, GW_IDEM_NOT_SENT, NULL, now_ns(), NULL), 0);
+  for (int i = 0; i < 100; i++) {
+    begin(ib, "key-2", 1, &w);
+    if (w.op.decision == GW_IDEM_EXECUTE)
+      break;
+    sleep_ms(5);
+  }
+  assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
+  struct gw_idem_stats is;
+  gw_store_raft.idem_stats(ib, &is);
+  assert_int_equal(is.in_flight, 1);
+  assert_int_equal(is.replays, 1);
+  gw_store_raft.idem_destroy(ia);
+  gw_store_raft.idem_destroy(ib);
+  gw_store_raft_close(a);
+  gw_store_raft_close(b);
+}
+
+static void forward_hook_carries_a_followers_command(void **state)
+{
+  (void)state;
+  /* A single node is always the leader; the hook is checked for being left alone. */
+  void *a = open_store("e1");
+  struct gw_store_raft_forward fwd = {0};
+  gw_store_raft_set_forward(a, &fwd);
+  assert_int_equal(gw_store_raft_open(node, "", &(void *){NULL}), GW_POLICY_EINVALID_CONFIG);
+  assert_string_equal(gw_store_raft_strerror(GW_STORE_RAFT_ENO_LEADER), "the raft group has no leader");
+  gw_store_raft_close(a);
+}
+
+int main(void)
+{
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(cold_key_is_refused_then_served_from_the_allotment),
+      cmocka_unit_test(three_nodes_never_exceed_a_token_bucket),
+      cmocka_unit_test(three_nodes_never_exceed_a_sliding_window),
+      cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
+      cmocka_unit_test(idempotency_across_nodes),
+      cmocka_unit_test(forward_hook_carries_a_followers_command),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
