@@ -6,7 +6,7 @@ CMAKE_ARGS ?=
 
 BUILD_PKGS = build-essential cmake pkg-config libmicrohttpd-dev libcjson-dev \
              libcurl4-openssl-dev libhiredis-dev libcmocka-dev
-TEST_PKGS  = python3 curl redis-server
+TEST_PKGS  = python3 curl redis-server prometheus chromium
 BENCH_PKGS = nginx-light wrk redis-server etcd-server
 
 .PHONY: all deps test-deps bench-deps build build-sanitize run test test-sanitize bench cluster clean

@@ -608,6 +608,19 @@ bool gw_admin_handle(struct creq *q, const char *path)
     }
   }
   if (hit < 0) {
+    /* Every /admin path but the page needs the token, known or not: an unknown path must not
+     * tell a caller without it which paths exist. */
+    if (strncmp(path, "/admin", 6) == 0) {
+      struct gw_config *cfg = gw_engine_config(q->c->eng);
+      bool ok = authorized(q, cfg);
+      gw_config_unref(cfg);
+      if (!ok) {
+        gw_control_set_error(q, 401, "unauthorized",
+                             "this endpoint needs Authorization: Bearer <admin token>", NULL);
+        q->www_authenticate = "Bearer realm=\"gateway admin\"";
+        return true;
+      }
+    }
     if (allow[0]) {
       gw_control_set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
       snprintf(q->allow, sizeof(q->allow), "%s", allow);

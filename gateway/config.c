@@ -671,6 +671,21 @@ static void parse_fallback(struct ctx *c, const cJSON *o, struct gw_degradation_
     }
   }
   const cJSON *b = get(o, "body");
+  bool has_type = false;
+  for (size_t i = 0; i < d->fallback_header_count; i++)
+    has_type |= strcasecmp(d->fallback_headers[i].name, "Content-Type") == 0;
+  if (!has_type) {
+    /* A body written as JSON is JSON; a string is sent as text. */
+    struct gw_header_pair *grown =
+        realloc(d->fallback_headers, (d->fallback_header_count + 1) * sizeof(*grown));
+    if (!grown)
+      abort();
+    d->fallback_headers = grown;
+    grown[d->fallback_header_count].name = xstrdup("Content-Type");
+    grown[d->fallback_header_count].value =
+        xstrdup(b && !cJSON_IsString(b) ? "application/json" : "text/plain; charset=utf-8");
+    d->fallback_header_count++;
+  }
   if (b) {
     d->fallback_body = cJSON_IsString(b) ? xstrdup(b->valuestring) : cJSON_PrintUnformatted(b);
     if (!d->fallback_body)

@@ -161,7 +161,8 @@ static bool forward(struct creq *q, const char *leader_api)
   /* A lock acquire may wait up to wait_ms on the leader before its answer. */
   j->timeout_ms = 20000 + (q->nr.op == GW_NODE_WRITE && q->nr.cmd.kind == GW_FSM_LOCK_ACQUIRE
                                ? (long)q->nr.cmd.wait_ms
-                               : 0);
+                           : q->nr.op == GW_NODE_ADD_MEMBER ? 60000
+                                                            : 0);
   j->done = on_forwarded;
   j->ctx = q;
   return gw_forwarder_submit(q->c->fwd, j) == 0;

@@ -581,7 +581,10 @@ static bool member_step(struct gw_node *n, struct gw_node_req *r, uint64_t now)
     return true;
   }
   if (now >= r->deadline_ms_) {
-    answer(n, r, GW_NODE_UNKNOWN, 0, NULL, 0);
+    answer_json(n, r, 504, "{\"error\":{\"code\":\"member_timeout\",\"message\":\"the "
+                           "membership change did not complete in time: is member %s running and "
+                           "reachable?%s\"}}",
+                r->member.name, "");
     return true;
   }
   int rc;
@@ -1222,7 +1225,7 @@ static void publish_status(struct gw_node *n)
   st->role = role_name(rs.role);
   st->term = rs.term;
   st->commit_index = rs.commit;
-  st->applied_index = gw_fsm_applied_index(n->fsm);
+  st->applied_index = n->applied;
   st->member_count = 0;
   for (uint32_t i = 0; mb && i < mb->n && i < GW_NODE_MAX_PEERS; i++) {
     struct gw_node_member *m = &st->members[st->member_count++];

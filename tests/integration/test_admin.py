@@ -904,7 +904,6 @@ class AdminApiTest(AdminCase):
         self.assertTrue(r.header("Content-Type").startswith("text/html"), r)
         self.assertNotIn(TOKEN.encode(), r.body)
 
-    @unittest.expectedFailure  # gateway bug: unknown /admin paths answer 404 without the token
     def test_unknown_admin_path_needs_the_token(self):
         # every /admin path but /admin/ui needs the token: no answer tells which paths exist
         for hs in ([], [("Authorization", "Bearer wrong")]):
@@ -1239,7 +1238,6 @@ class TokenFromEnvTest(AdminCase):
         self.assertEqual(self.gw.get("/b/1").status, 200)
         self.assertEqual(harness.request(port, "GET", "/admin/ui").status, 200)
 
-    @unittest.expectedFailure  # gateway bug: at rest applied_index stays below commit_index
     def test_applied_catches_up_with_commit_at_rest(self):
         def status():
             return harness.request(self.open_gw.api_port, "GET", "/admin/cluster").json()
