@@ -38,6 +38,8 @@
 #define HOUSEKEEP_MS 50
 #define CLAIM_BUCKETS 1024
 #define MAX_CLAIMS 65536
+/* A stored response must fit one log entry (1 MiB by default) with the command around it. */
+#define MAX_RESPONSE ((1u << 20) - 4096)
 
 static uint64_t mono_ns(void)
 {
@@ -143,6 +145,8 @@ struct rq {
   struct raft_store *st;
   enum rq_kind kind;
   bool forwarded;
+  bool retried;   /* FINISH: sent a second time after a failed outcome */
+  bool too_large; /* FINISH: the response did not fit and the claim is released instead */
   /* Owned copies the command points to. */
   char id[GW_FSM_MAX_QUOTA_ID + 1];
   char route[GW_FSM_GWIDEM_MAX_ROUTE + 1];
@@ -1096,6 +1100,9 @@ static int raft_idem_finish_async(void *p, const struct gw_idem_claim *claim,
   if (c == NULL)
     return GW_POLICY_ESTALE;
   bool store = gw_idem_should_store(origin) && resp != NULL;
+  bool too_large = store && resp->headers_len + resp->body_len > MAX_RESPONSE;
+  if (too_large)
+    store = false; /* released, so a retry executes again rather than waiting for expiry */
   struct rq *q = rq_new(m->st, RQ_FINISH);
   size_t hl = store ? resp->headers_len : 0, bl = store ? resp->body_len : 0;
   if (q != NULL && hl + bl > 0 && (q->blob = malloc(hl + bl)) == NULL) {
@@ -1114,6 +1121,7 @@ static int raft_idem_finish_async(void *p, const struct gw_idem_claim *claim,
   memcpy(q->key, c->key, c->key_len);
   q->idem = m;
   q->op = op;
+  q->too_large = too_large;
   q->nr.cmd.kind = GW_FSM_IDEM_FINISH;
   q->nr.cmd.name = q->route;
   q->nr.cmd.name_len = c->route_len;
@@ -1140,7 +1148,9 @@ static void finish_answer(struct rq *q, int err, int status, const char *body, s
   if (err == 0 && status != 200)
     op->err = http_err(status);
   else if (err == 0 && json_is(body, len, "result", "stale"))
-    op->err = GW_POLICY_ESTALE;
+    op->err = q->retried ? 0 : GW_POLICY_ESTALE; /* after a retry: the first one took effect */
+  else if (err == 0 && q->too_large)
+    op->err = GW_POLICY_ETOO_LARGE;
   else if (err == 0 && json_is(body, len, "result", "too_large"))
     op->err = GW_POLICY_ETOO_LARGE;
   else if (err == 0 && !json_is(body, len, "result", "stored") && !json_is(body, len, "result", "released"))
@@ -1163,6 +1173,15 @@ static void raft_idem_stats(void *p, struct gw_idem_stats *out)
 
 static void rq_answer(struct rq *q, int err, int status, const char *body, size_t len)
 {
+  if (q->kind == RQ_FINISH && err != 0 && err != GW_STORE_RAFT_ESTOPPING && !q->retried) {
+    /* A claim left in flight would hold its key until the safety expiry: try once more.
+     * FINISH names its claim, so applying it twice is harmless (the second is "stale"). */
+    q->retried = true;
+    q->forwarded = false;
+    q->nr.first_ms_ = 0;
+    if (gw_node_submit(q->st->node, &q->nr) == 0)
+      return;
+  }
   switch (q->kind) {
   case RQ_ACQUIRE:
     acquire_answer(q, err, status, body, len);

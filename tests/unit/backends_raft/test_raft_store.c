@@ -304,10 +304,28 @@ static void idempotency_across_nodes(void **state)
     sleep_ms(5);
   }
   assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
+  /* a response that cannot fit one log entry: released, reported too large */
+  claim = w.op.claim;
+  size_t big = 1u << 20;
+  char *body = calloc(1, big);
+  struct gw_idem_response bigr = {.status = 200, .headers = "", .body = body, .body_len = big};
+  memset(&w, 0, sizeof(w));
+  w.op.done = on_done;
+  w.op.ctx = &w;
+  assert_int_equal(gw_store_raft.idem_finish_async(ib, &claim, GW_IDEM_FROM_UPSTREAM, &bigr, now_ns(), &w.op), 0);
+  free(body);
+  wait_op(&w);
+  assert_int_equal(w.op.err, GW_POLICY_ETOO_LARGE);
+  begin(ia, "key-2", 1, &w);
+  assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
   struct gw_idem_stats is;
-  gw_store_raft.idem_stats(ib, &is);
+  gw_store_raft.idem_stats(ia, &is);
   assert_int_equal(is.in_flight, 1);
+  gw_store_raft.idem_stats(ib, &is);
+  assert_int_equal(is.in_flight, 0);
   assert_int_equal(is.replays, 1);
+  claim = w.op.claim;
+  assert_int_equal(gw_store_raft.idem_finish_async(ia, &claim, GW_IDEM_NOT_SENT, NULL, now_ns(), NULL), 0);
   gw_store_raft.idem_destroy(ia);
   gw_store_raft.idem_destroy(ib);
   gw_store_raft_close(a);
