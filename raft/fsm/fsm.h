@@ -1,8 +1,8 @@
 /*
  * fsm.h - the replicated state machine behind the /v1 coordination API (API.md section 4):
  * leases, locks with fencing tokens and FIFO waiters, counters, a versioned route table, and
- * idempotency records for every write. Room is reserved for the cluster limiter quotas and the
- * gateway's idempotency records of later work.
+ * idempotency records for every write; quota leasing for the cluster limiters and the gateway's
+ * replicated idempotency records (quota.c, README.md "Quota leasing").
  *
  * The machine is pure: no clock, I/O, thread or global state. Every committed Raft entry carries
  * one command (encoded by gw_fsm_cmd_encode) and is fed to gw_fsm_apply in log order on every
