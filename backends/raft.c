@@ -391,6 +391,7 @@ struct lstate {
   struct grant g[NGRANTS];
   uint64_t held;
   uint64_t last_ns;           /* last admission attempt */
+  uint64_t born_ns;           /* first attempt (the rate of a young key counts from it) */
   uint64_t rate_bucket;       /* now / RATE_BUCKET_NS of cur */
   uint64_t rate_cur, rate_prev;
   uint64_t rep_remaining, rep_spent, rep_next_ms, rep_reset_ms;
@@ -586,6 +587,8 @@ static void rate_tick(struct lstate *s, uint64_t now)
 static uint64_t batch_size(const struct raft_limiter *l, const struct lstate *s, uint64_t now)
 {
   uint64_t span = RATE_BUCKET_NS + now % RATE_BUCKET_NS;
+  if (now - s->born_ns + NS_PER_MS < span)
+    span = now - s->born_ns + NS_PER_MS; /* a key seen for less than that */
   uint64_t n = s->rate_prev + s->rate_cur;
   /* n attempts over span ns -> per horizon */
   long double want = (long double)n * (long double)(l->horizon_ms * NS_PER_MS) / (long double)span;
@@ -726,6 +729,8 @@ static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t no
   struct rq *refill = NULL;
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, key, len, true, evicted);
+  if (s->born_ns == 0)
+    s->born_ns = now_ns;
   prune(s, now_ns);
   rate_tick(s, now_ns);
   s->last_ns = now_ns;
