@@ -52,6 +52,20 @@ static size_t samples(struct gw_fsm_cmd *out)
     out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_ROUTE_PUT, .now_ms = 10, .name = "r", .name_len = 1,
                                    .json = "{\"a\":1}", .json_len = 7};
     out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_ROUTE_DELETE, .now_ms = 11, .name = "r", .name_len = 1};
+    out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_QUOTA_ACQUIRE, .now_ms = 12, .name = "r/tb/k", .name_len = 6,
+                                   .owner = "n1", .owner_len = 2, .quota_kind = GW_FSM_QUOTA_SLIDING_WINDOW,
+                                   .quota_a = 100, .quota_b = 60000, .count = 25, .ttl_ms = 1000};
+    out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_QUOTA_RELEASE, .now_ms = 13, .name = "r/tb/k", .name_len = 6,
+                                   .owner = "n1", .owner_len = 2, .grant_id = 12, .count = 3};
+    out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_IDEM_BEGIN, .now_ms = 14, .name = "orders", .name_len = 6,
+                                   .key = "k-1", .key_len = 3, .fp_hi = 1, .fp_lo = UINT64_MAX,
+                                   .owner = "n2", .owner_len = 2, .ttl_ms = 86400000};
+    out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_IDEM_FINISH, .now_ms = 15, .name = "orders", .name_len = 6,
+                                   .key = "k-1", .key_len = 3, .claim_id = 14, .store = true, .status = 201,
+                                   .ttl_ms = 1000, .headers = "a: b", .headers_len = 4, .body = "{}",
+                                   .body_len = 2};
+    out[n++] = (struct gw_fsm_cmd){.kind = GW_FSM_IDEM_FINISH, .now_ms = 16, .name = "orders", .name_len = 6,
+                                   .key = "k-1", .key_len = 3, .claim_id = 14};
     return n;
 }
 
@@ -100,6 +114,23 @@ static void every_command_kind_round_trips(void **state)
         assert_int_equal(d.value, s[i].value);
         assert_int_equal(d.has_expect, s[i].has_expect);
         assert_int_equal(d.expect, s[i].expect);
+        assert_int_equal(d.quota_kind, s[i].quota_kind);
+        assert_int_equal(d.quota_a, s[i].quota_a);
+        assert_int_equal(d.quota_b, s[i].quota_b);
+        assert_int_equal(d.count, s[i].count);
+        assert_int_equal(d.grant_id, s[i].grant_id);
+        assert_int_equal(d.key_len, s[i].key_len);
+        if (d.key_len)
+            assert_memory_equal(d.key, s[i].key, d.key_len);
+        assert_int_equal(d.fp_hi, s[i].fp_hi);
+        assert_int_equal(d.fp_lo, s[i].fp_lo);
+        assert_int_equal(d.claim_id, s[i].claim_id);
+        assert_int_equal(d.store, s[i].store);
+        assert_int_equal(d.status, s[i].status);
+        assert_int_equal(d.headers_len, s[i].headers_len);
+        assert_int_equal(d.body_len, s[i].body_len);
+        if (d.body_len)
+            assert_memory_equal(d.body, s[i].body, d.body_len);
         assert_int_equal(d.n_ids, s[i].n_ids);
         for (size_t k = 0; k < d.n_ids; k++)
             assert_int_equal(gw_fsm_cmd_expire_id(&d, k), s[i].ids[k]);
@@ -153,6 +184,12 @@ static void encoder_refuses_what_cannot_be_encoded(void **state)
     assert_int_equal(gw_fsm_cmd_encode(&c, buf, sizeof(buf), &len), GW_FSM_ERR_INVALID);
     c = (struct gw_fsm_cmd){.kind = 48};
     assert_int_equal(gw_fsm_cmd_encode(&c, buf, sizeof(buf), &len), GW_FSM_ERR_INVALID);
+    /* the quota and gateway idempotency kinds take no /v1 idempotency key */
+    c = (struct gw_fsm_cmd){.kind = GW_FSM_QUOTA_RELEASE, .idem_key = "k", .idem_key_len = 1};
+    assert_int_equal(gw_fsm_cmd_encode(&c, buf, sizeof(buf), &len), GW_FSM_ERR_INVALID);
+    uint8_t flagged[] = {GW_FSM_CMD_VERSION, GW_FSM_IDEM_BEGIN, GW_FSM_F_IDEM, 0, 0, 0, 0, 0, 0, 0, 0, 1, 'k'};
+    struct gw_fsm_cmd d;
+    assert_int_equal(gw_fsm_cmd_decode(flagged, sizeof(flagged), &d), GW_FSM_ERR_MALFORMED);
     static uint64_t ids[GW_FSM_MAX_EXPIRE_IDS + 1];
     c = (struct gw_fsm_cmd){.kind = GW_FSM_LEASE_EXPIRE, .ids = ids, .n_ids = GW_FSM_MAX_EXPIRE_IDS + 1};
     assert_int_equal(gw_fsm_cmd_encode(&c, buf, sizeof(buf), &len), GW_FSM_ERR_INVALID);
