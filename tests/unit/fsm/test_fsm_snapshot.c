@@ -198,6 +198,8 @@ static struct gw_fsm *make(uint64_t k0)
     cfg.max_waiters_per_lock = 3; /* reach the bounds too */
     cfg.max_idem_records = 4;
     cfg.idem_ttl_ms = 20000;
+    cfg.max_quotas = 3;         /* sweeps of idle limiters and 503s too */
+    cfg.max_gwidem_records = 4; /* and full gateway record stores */
     struct gw_fsm *f;
     assert_int_equal(gw_fsm_new(&cfg, &f), 0);
     return f;
