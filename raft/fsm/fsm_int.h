@@ -95,6 +95,11 @@ struct fsm_grant {
     char node[GW_FSM_MAX_NODE + 1];
 };
 
+/* Sliding window: slots of grants whose lease ended, occupying the window until `until`. */
+struct fsm_past {
+    uint64_t until, count;
+};
+
 /* One cluster limiter (quota.c): a token bucket or a sliding window and its live grants. */
 struct fsm_quota {
     uint8_t kind;             /* enum gw_fsm_quota_kind */
@@ -104,6 +109,9 @@ struct fsm_quota {
     uint64_t outstanding;     /* sum of the grants' counts */
     struct fsm_grant *grants; /* owned; n_grants in id (= time) order */
     uint32_t n_grants, cap_grants;
+    struct fsm_past *past;    /* owned; sliding window only: n_past by increasing until */
+    uint32_t n_past, cap_past;
+    uint64_t past_total;      /* sum of the past entries' counts */
     uint8_t id_len;
     char id[GW_FSM_MAX_QUOTA_ID + 1];
 };

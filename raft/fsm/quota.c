@@ -29,6 +29,7 @@
 #define SWEEP_EVERY_MS 1000 /* a full sweep of idle quotas, when the table is full, at most this often */
 #define GWIDEM_SWEEP_STEP 4 /* records examined per IDEM command */
 #define GWIDEM_TTL_MAX_MS (30ull * 24 * 3600 * 1000)
+#define PAST_MAX 256 /* sliding window: ended grants kept as (until, count), coalesced */
 
 static uint64_t add_sat(uint64_t a, uint64_t b)
 {
@@ -146,6 +147,7 @@ static void quota_drop(struct gw_fsm *f, struct fsm_quota *q)
 {
     htab_remove(&f->quotas, fsm_quota_hash(f, q->id, q->id_len), q);
     free(q->grants);
+    free(q->past);
     free(q);
 }
 
@@ -155,6 +157,7 @@ void fsm_ext_clear(struct gw_fsm *f)
         struct fsm_quota *q = f->quotas.slots[i].p;
         if (q != NULL) {
             free(q->grants);
+            free(q->past);
             free(q);
         }
     }
@@ -200,12 +203,54 @@ static void tb_refill_to(struct fsm_quota *q, uint64_t ns)
 }
 
 /*
+ * Keeps count slots of an ended grant in the window until `until` (rounded up to 1/200 of the
+ * window so entries coalesce: at most 0.5 % of the window later than exact). When the table is full the slots join an entry that ends later
+ * (or the last one is extended): holding slots longer is always safe.
+ */
+static int past_add(struct fsm_quota *q, uint64_t until, uint64_t count)
+{
+    uint64_t gran = q->b / 200 ? q->b / 200 : 1;
+    if (until % gran != 0)
+        until = add_sat(until, gran - until % gran);
+    uint32_t i = 0;
+    while (i < q->n_past && q->past[i].until < until)
+        i++;
+    q->past_total += count;
+    if (i < q->n_past && q->past[i].until == until) {
+        q->past[i].count += count;
+        return 0;
+    }
+    if (q->n_past >= PAST_MAX) {
+        if (i < q->n_past) {
+            q->past[i].count += count;
+        } else {
+            q->past[q->n_past - 1].until = until;
+            q->past[q->n_past - 1].count += count;
+        }
+        return 0;
+    }
+    if (q->n_past == q->cap_past) {
+        uint32_t ncap = q->cap_past ? q->cap_past * 2 : 8;
+        struct fsm_past *np = realloc(q->past, ncap * sizeof(*np));
+        if (np == NULL)
+            return GW_FSM_ERR_NOMEM;
+        q->past = np;
+        q->cap_past = ncap;
+    }
+    memmove(&q->past[i + 1], &q->past[i], (q->n_past - i) * sizeof(q->past[0]));
+    q->past[i].until = until;
+    q->past[i].count = count;
+    q->n_past++;
+    return 0;
+}
+
+/*
  * Brings the limiter to fsm time t. Token bucket: refills piecewise, each grant's units coming
  * back under the ceiling only from its deadline on (so the refill never outruns what a single
- * bucket would have had). Sliding window: drops grants whose slots have left the window
- * (deadline + window <= t).
+ * bucket would have had). Sliding window: a grant whose lease ended keeps its slots (as a past
+ * entry) until deadline + window; past entries leave when that passes.
  */
-static void quota_advance(struct fsm_quota *q, uint64_t t)
+static int quota_advance(struct fsm_quota *q, uint64_t t)
 {
     if (q->kind == GW_FSM_QUOTA_TOKEN_BUCKET) {
         for (;;) {
@@ -219,20 +264,37 @@ static void quota_advance(struct fsm_quota *q, uint64_t t)
             grant_remove(q, best);
         }
         tb_refill_to(q, ms_to_ns(t));
-    } else {
-        for (uint32_t i = 0; i < q->n_grants;) {
-            if (add_sat(q->grants[i].deadline, q->b) <= t)
-                grant_remove(q, i);
-            else
-                i++;
+        return 0;
+    }
+    for (uint32_t i = 0; i < q->n_grants;) {
+        if (q->grants[i].deadline <= t) {
+            if (past_add(q, add_sat(q->grants[i].deadline, q->b), q->grants[i].count) < 0)
+                return GW_FSM_ERR_NOMEM;
+            grant_remove(q, i);
+        } else {
+            i++;
         }
     }
+    uint32_t k = 0;
+    while (k < q->n_past && q->past[k].until <= t)
+        q->past_total -= q->past[k++].count;
+    if (k > 0) {
+        memmove(&q->past[0], &q->past[k], (q->n_past - k) * sizeof(q->past[0]));
+        q->n_past -= k;
+    }
+    return 0;
+}
+
+/* Sliding window: slots counted in the window (live grants and ended ones). */
+static uint64_t sw_occupied(const struct fsm_quota *q)
+{
+    return q->outstanding + q->past_total;
 }
 
 /* Equivalent to a limiter never used (so it may be forgotten): no grants, bucket full. */
 static bool quota_fresh(const struct fsm_quota *q)
 {
-    if (q->n_grants != 0)
+    if (q->n_grants != 0 || q->n_past != 0)
         return false;
     return q->kind == GW_FSM_QUOTA_SLIDING_WINDOW || q->nanotokens == q->a * NANO;
 }
@@ -252,7 +314,8 @@ static uint64_t quota_remaining(const struct fsm_quota *q, uint64_t t)
 {
     if (q->kind == GW_FSM_QUOTA_TOKEN_BUCKET)
         return q->nanotokens / NANO + quota_live(q, t);
-    uint64_t free_slots = q->a > q->outstanding ? q->a - q->outstanding : 0;
+    uint64_t occ = sw_occupied(q);
+    uint64_t free_slots = q->a > occ ? q->a - occ : 0;
     return free_slots + quota_live(q, t);
 }
 
@@ -291,7 +354,13 @@ static void quota_times(const struct fsm_quota *q, uint64_t t, uint64_t *next_ms
         if (until > last)
             last = until;
     }
-    *next_ms = q->outstanding < q->a ? 0 : (first == UINT64_MAX ? 0 : first - t);
+    if (q->n_past > 0) {
+        if (q->past[0].until < first)
+            first = q->past[0].until;
+        if (q->past[q->n_past - 1].until > last)
+            last = q->past[q->n_past - 1].until;
+    }
+    *next_ms = sw_occupied(q) < q->a ? 0 : (first == UINT64_MAX || first < t ? 0 : first - t);
     *reset_ms = last - t;
 }
 
@@ -313,15 +382,16 @@ static void put_quota_body(struct gw_fsm_result *res, const struct fsm_quota *q,
 
 /* Forgets every idle limiter (same state as a new one) when the table is full; deterministic
  * because the set removed does not depend on the walk order. */
-static void quota_sweep(struct gw_fsm *f, uint64_t t)
+static int quota_sweep(struct gw_fsm *f, uint64_t t)
 {
     if (f->quotas.n < f->cfg.max_quotas || (f->quota_sweep_at != 0 && t - f->quota_sweep_at < SWEEP_EVERY_MS))
-        return;
+        return 0;
     f->quota_sweep_at = t;
     for (uint32_t i = 0; i < f->quotas.cap;) {
         struct fsm_quota *q = f->quotas.slots[i].p;
         if (q != NULL) {
-            quota_advance(q, t);
+            if (quota_advance(q, t) < 0)
+                return GW_FSM_ERR_NOMEM;
             if (quota_fresh(q)) {
                 quota_drop(f, q); /* backward shift may move another entry into slot i */
                 continue;
@@ -329,6 +399,7 @@ static void quota_sweep(struct gw_fsm *f, uint64_t t)
         }
         i++;
     }
+    return 0;
 }
 
 static bool quota_config_ok(uint8_t kind, uint64_t a, uint64_t b)
@@ -369,7 +440,8 @@ static int do_quota_acquire(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64
     }
     struct fsm_quota *q = fsm_quota_find(f, c->name, c->name_len);
     if (q == NULL) {
-        quota_sweep(f, t);
+        if (quota_sweep(f, t) < 0)
+            return GW_FSM_ERR_NOMEM;
         if (f->quotas.n >= f->cfg.max_quotas) {
             fsm_out_fail(res, 503, FSM_OUT_TOO_MANY_QUOTAS, "the cluster limiter table is full");
             return 0;
@@ -391,10 +463,13 @@ static int do_quota_acquire(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64
     } else if (q->kind != c->quota_kind || q->a != c->quota_a || q->b != c->quota_b) {
         /* A changed policy: bring the old state up to t, then adopt the new configuration,
          * keeping the grants (they were made under the old limit and are still counted). */
-        quota_advance(q, t);
+        if (quota_advance(q, t) < 0)
+            return GW_FSM_ERR_NOMEM;
         if (q->kind != c->quota_kind) {
             q->kind = c->quota_kind;
-            q->nanotokens = 0; /* conservative: the new bucket starts from what is out */
+            q->nanotokens = 0; /* the new limiter starts empty, its grants still out */
+            q->n_past = 0;
+            q->past_total = 0;
         }
         q->a = c->quota_a;
         q->b = c->quota_b;
@@ -404,12 +479,13 @@ static int do_quota_acquire(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64
                 q->nanotokens = cap * NANO;
         }
     }
-    quota_advance(q, t);
+    if (quota_advance(q, t) < 0)
+        return GW_FSM_ERR_NOMEM;
     uint64_t g;
     if (q->kind == GW_FSM_QUOTA_TOKEN_BUCKET)
         g = q->nanotokens / NANO;
     else
-        g = q->a > q->outstanding ? q->a - q->outstanding : 0;
+        g = q->a > sw_occupied(q) ? q->a - sw_occupied(q) : 0;
     if (g > c->count)
         g = c->count;
     if (q->n_grants >= GW_FSM_QUOTA_GRANTS_MAX)
@@ -459,7 +535,8 @@ static int do_quota_release(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64
     struct fsm_quota *q = fsm_quota_find(f, c->name, c->name_len);
     uint64_t k = 0;
     if (q != NULL) {
-        quota_advance(q, t);
+        if (quota_advance(q, t) < 0)
+            return GW_FSM_ERR_NOMEM;
         for (uint32_t i = 0; i < q->n_grants; i++) {
             struct fsm_grant *gr = &q->grants[i];
             if (gr->id != c->grant_id)

@@ -16,7 +16,7 @@
  * idempotency records: n u32, then kind u8, key, created_at, fp0, fp1, status u16, code u8,
  * queued u8, waiter_id, body (u32 length); then (version 2) the quotas: quota_sweep_at, n u32,
  * then by id: id (u8 length), kind u8, a, b, nanotokens, updated_ns, n_grants u32, per grant id,
- * count, deadline, node; the gateway idempotency records in sweep order: n u32, then route, key,
+ * count, deadline, node; n_past u32, per ended window grant until, count; the gateway idempotency records in sweep order: n u32, then route, key,
  * completed u8, claim, fp0, fp1, deadline, status u16, node, headers and body (u32 length each);
  * finally a CRC-32 (IEEE) of everything before it. A version 1 image restores with no quotas
  * and no gateway records.
@@ -190,6 +190,11 @@ int gw_fsm_snapshot(const struct gw_fsm *f, uint8_t **buf, size_t *len)
             w_le(&w, q->grants[k].deadline, 8);
             w_str8(&w, q->grants[k].node, q->grants[k].node_len);
         }
+        w_le(&w, q->n_past, 4);
+        for (uint32_t k = 0; k < q->n_past; k++) {
+            w_le(&w, q->past[k].until, 8);
+            w_le(&w, q->past[k].count, 8);
+        }
     }
     free(v);
     v = NULL;
@@ -361,8 +366,29 @@ static int load_ext(struct gw_fsm *g, struct rd *r)
             out += gr[k].count;
         }
         q->outstanding = out;
-        if (out > a || (kind == GW_FSM_QUOTA_TOKEN_BUCKET && nt > (a - out) * NANO))
+        if (kind == GW_FSM_QUOTA_TOKEN_BUCKET && nt > (a > out ? a - out : 0) * NANO)
             return GW_FSM_ERR_MALFORMED;
+        uint32_t np = (uint32_t)r_le(r, 4);
+        if (r->bad || np > 256 || (np > 0 && kind == GW_FSM_QUOTA_TOKEN_BUCKET))
+            return GW_FSM_ERR_MALFORMED;
+        if (np > 0) {
+            q->past = calloc(np, sizeof(*q->past));
+            if (q->past == NULL)
+                return GW_FSM_ERR_NOMEM;
+            q->cap_past = np;
+        }
+        uint64_t last_until = 0, total = 0;
+        for (uint32_t k = 0; k < np; k++) {
+            q->past[k].until = r_le(r, 8);
+            q->past[k].count = r_le(r, 8);
+            if (r->bad || q->past[k].until <= last_until ||
+                q->past[k].count == 0 || q->past[k].count > UINT64_MAX / 2 - total)
+                return GW_FSM_ERR_MALFORMED;
+            last_until = q->past[k].until;
+            total += q->past[k].count;
+            q->n_past = k + 1;
+        }
+        q->past_total = total;
     }
     count = (uint32_t)r_le(r, 4);
     for (uint32_t i = 0; i < count && !r->bad; i++) {

@@ -99,6 +99,32 @@ static void sliding_window_slots_occupy_their_lease_plus_the_window(void **state
     h_free(&h);
 }
 
+/* Ended grants of a long window are kept compactly: they never use up the live grant bound. */
+static void long_window_keeps_granting_past_the_live_grant_bound(void **state)
+{
+    (void)state;
+    struct h h;
+    h_init(&h);
+    for (int i = 0; i < 1000; i++) {
+        q_acquire(&h, "long", "n1", GW_FSM_QUOTA_SLIDING_WINDOW, 100000, 60000, 1, 100);
+        assert_int_equal(json_u64(h.res.body, "granted"), 1);
+        h.now += 150;
+    }
+    /* the last 60.1 s of grants (about 400 slots) still occupy the window */
+    uint64_t rem = json_u64(h.res.body, "remaining");
+    assert_true(rem >= 100000 - 402 && rem <= 100000 - 398);
+    /* a full window later every slot is free again */
+    h.now += 60000 + 600;
+    q_acquire(&h, "long", "n1", GW_FSM_QUOTA_SLIDING_WINDOW, 100000, 60000, 100000, 100);
+    assert_int_equal(json_u64(h.res.body, "granted"), 100000);
+    uint8_t *img;
+    size_t len;
+    assert_int_equal(gw_fsm_snapshot(h.f, &img, &len), 0);
+    assert_int_equal(gw_fsm_restore(h.f, img, len), 0);
+    free(img);
+    h_free(&h);
+}
+
 static void bad_fields_are_400_and_the_table_bound_is_503(void **state)
 {
     (void)state;
@@ -412,6 +438,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(token_bucket_grants_from_the_budget_and_takes_back_releases),
         cmocka_unit_test(sliding_window_slots_occupy_their_lease_plus_the_window),
+        cmocka_unit_test(long_window_keeps_granting_past_the_live_grant_bound),
         cmocka_unit_test(bad_fields_are_400_and_the_table_bound_is_503),
         cmocka_unit_test(random_grant_spend_release_never_exceeds_the_limit),
         cmocka_unit_test(idempotency_claim_in_flight_mismatch_replay_and_expiry),
