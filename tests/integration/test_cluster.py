@@ -514,98 +514,162 @@ class TestEndpoints(ClusterTest):
 
 # ---- kill -9 of the leader under load ----
 
+class Load:
+    """Client threads against every node of a cluster: increments of one counter, each with
+    its own Idempotency-Key, and acquire/hold/release cycles on one lock (a lease per hold,
+    revoked after). Every write is retried with its key on 503 and transport errors."""
+
+    def __init__(self, cluster, counter, lock, incrementers=4, lockers=3):
+        self.c = cluster
+        self.counter = counter
+        self.lock = lock
+        self.stop_ev = threading.Event()
+        self.mu = threading.Lock()
+        self.incs = []      # (t_send, t_ack, value, attempts)
+        self.holds = []     # dicts: owner, token, send, acq_ack, rel_sent, rel
+        self.problems = []
+        self.client = RetryingClient(cluster.nodes, slow(25.0))
+        self.threads = [threading.Thread(target=self.incrementer, args=(i,))
+                        for i in range(incrementers)]
+        self.threads += [threading.Thread(target=self.locker, args=(i,)) for i in range(lockers)]
+
+    def start(self):
+        for t in self.threads:
+            t.daemon = True
+            t.start()
+
+    def stop(self):
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(slow(30.0))
+        return not any(t.is_alive() for t in self.threads)
+
+    def count(self, pred=lambda x: True):
+        with self.mu:
+            return sum(1 for x in self.incs if pred(x))
+
+    def n_holds(self):
+        with self.mu:
+            return len(self.holds)
+
+    def problem(self, text):
+        with self.mu:
+            self.problems.append(text)
+
+    def incrementer(self, tid):
+        seq = 0
+        while not self.stop_ev.is_set():
+            key = "%s-%d-%d" % (self.counter, tid, seq)
+            t_send = time.monotonic()
+            try:
+                r, att = self.client.call("POST", "/v1/counters/" + self.counter, {"add": 1},
+                                          key=key, start=tid + seq)
+            except TimeoutError as e:
+                self.problem("increment %s: %s" % (key, e))
+                return
+            t_ack = time.monotonic()
+            seq += 1
+            if r.status != 200:
+                self.problem("increment %s: %r" % (key, r))
+                continue
+            with self.mu:
+                self.incs.append((t_send, t_ack, r.json()["value"], att))
+
+    def locker(self, tid):
+        seq = 0
+        owner = "w%d" % tid
+        path = "/v1/locks/" + self.lock
+        while not self.stop_ev.is_set():
+            seq += 1
+            t_send = time.monotonic()
+            try:
+                r, _ = self.client.call("POST", path,
+                                        {"owner": owner, "ttl_ms": 30000, "wait_ms": 1500},
+                                        key="acq-%s-%d" % (owner, seq), start=tid + seq)
+            except TimeoutError as e:
+                self.problem("acquire %s/%d: %s" % (owner, seq, e))
+                return
+            t_ack = time.monotonic()
+            if r.status == 409 and error_of(r).get("code") == "lock_held":
+                continue
+            if r.status != 200:
+                self.problem("acquire %s/%d: %r" % (owner, seq, r))
+                return
+            b = r.json()
+            time.sleep(random.uniform(0.005, 0.03))
+            t_rel = time.monotonic()
+            try:
+                rr, _ = self.client.call("DELETE", "%s?token=%d" % (path, b["token"]),
+                                         key="rel-%s-%d" % (owner, seq), start=tid + seq + 1)
+            except TimeoutError as e:
+                self.problem("release %s/%d: %s" % (owner, seq, e))
+                return
+            with self.mu:
+                self.holds.append({"owner": owner, "token": b["token"], "send": t_send,
+                                   "acq_ack": t_ack, "rel_sent": t_rel, "rel": rr.status})
+            if rr.status != 204:
+                self.problem("release %s/%d token %d: %r" % (owner, seq, b["token"], rr))
+            # The hold's lease is revoked (not retried; a leftover only lingers until its ttl).
+            try:
+                self.c.nodes[seq % len(self.c.nodes)].req(
+                    "DELETE", "/v1/leases/" + b["lease_id"], timeout=slow(3.0))
+            except OSError:
+                pass
+
+    def check(self, test):
+        """After stop(): exactly-once increments and a lock history without overlaps."""
+        test.assertEqual(self.problems, [])
+        # The counter is the number of acknowledged increments, each of which saw its own value.
+        n_acked = len(self.incs)
+        test.assertGreater(n_acked, 0)
+        values = sorted(x[2] for x in self.incs)
+        test.assertEqual(len(set(values)), n_acked, "two acknowledged increments saw one value")
+        test.assertEqual(values[-1], n_acked, "the counter went past the acknowledged writes")
+        for n in self.c.running():
+            r = n.req("GET", "/v1/counters/" + self.counter)
+            test.assertEqual(r.status, 200, r)
+            test.assertEqual(r.json()["value"], n_acked,
+                             "counter through %s differs from the acknowledged increments" % n.id)
+        # Every node converges on it in its own state (a stale read is never forwarded).
+        for n in self.c.running():
+            def conv(n=n):
+                r = n.req("GET", "/v1/counters/%s?consistency=stale" % self.counter,
+                          headers=[("Gateway-Forwarded-By", "t")])
+                return r.status == 200 and r.json()["value"] == n_acked
+            test.assertTrue(wait_until(conv, slow(10.0)), "%s did not converge" % n.id)
+        # Locks: tokens strictly increase from holder to holder, and ordered by token the
+        # holding intervals [acquire acknowledged, release sent] never overlap.
+        by_token = sorted(self.holds, key=lambda h: h["token"])
+        tokens = [h["token"] for h in by_token]
+        test.assertEqual(len(set(tokens)), len(tokens), "one token granted twice: %r" % tokens)
+        by_ack = sorted(self.holds, key=lambda h: h["acq_ack"])
+        for a, b in zip(by_ack, by_ack[1:]):
+            test.assertLess(a["token"], b["token"], "token went down between holders: %r %r"
+                            % (a, b))
+        for a, b in zip(by_token, by_token[1:]):
+            test.assertLessEqual(a["rel_sent"], b["acq_ack"],
+                                 "two holders of %s at once: %r and %r" % (self.lock, a, b))
+        # Fencing goes on after everything.
+        r, _ = self.client.call("POST", "/v1/locks/" + self.lock,
+                                {"owner": "final", "ttl_ms": 5000, "wait_ms": 5000},
+                                key="final-%d" % time.monotonic_ns())
+        test.assertEqual(r.status, 200, r)
+        test.assertGreater(r.json()["token"], tokens[-1] if tokens else 0)
+        return n_acked
+
+
 class TestFailover(ClusterTest):
 
     def test_kill_leader_under_load(self):
         c = self.new_cluster(election_timeout_ms=600, heartbeat_ms=60)
         c.start()
         c.wait_ready()
-        old = c.leader()
-        self.assertIsNotNone(old)
-        stop = threading.Event()
-        mu = threading.Lock()
-        incs = []        # (t_send, t_ack, value, attempts)
-        holds = []       # dicts: owner, token, acq_ack, rel_sent, rel_status
-        problems = []
-        client = RetryingClient(c.nodes, slow(25.0))
-
-        def incrementer(tid):
-            seq = 0
-            while not stop.is_set():
-                key = "inc-%d-%d" % (tid, seq)
-                t_send = time.monotonic()
-                try:
-                    r, att = client.call("POST", "/v1/counters/fo", {"add": 1}, key=key,
-                                         start=tid + seq)
-                except TimeoutError as e:
-                    with mu:
-                        problems.append("increment %s: %s" % (key, e))
-                    return
-                t_ack = time.monotonic()
-                seq += 1
-                with mu:
-                    if r.status == 200:
-                        incs.append((t_send, t_ack, r.json()["value"], att))
-                    else:
-                        problems.append("increment %s: %r" % (key, r))
-
-        def locker(tid):
-            seq = 0
-            owner = "w%d" % tid
-            while not stop.is_set():
-                seq += 1
-                t_send = time.monotonic()
-                try:
-                    r, _ = client.call("POST", "/v1/locks/fo-lock",
-                                       {"owner": owner, "ttl_ms": 30000, "wait_ms": 1500},
-                                       key="acq-%s-%d" % (owner, seq), start=tid + seq)
-                except TimeoutError as e:
-                    with mu:
-                        problems.append("acquire %s/%d: %s" % (owner, seq, e))
-                    return
-                t_ack = time.monotonic()
-                if r.status == 409 and error_of(r).get("code") == "lock_held":
-                    continue
-                if r.status != 200:
-                    with mu:
-                        problems.append("acquire %s/%d: %r" % (owner, seq, r))
-                    return
-                b = r.json()
-                time.sleep(random.uniform(0.005, 0.03))
-                t_rel = time.monotonic()
-                try:
-                    rr, _ = client.call("DELETE", "/v1/locks/fo-lock?token=%d" % b["token"],
-                                        key="rel-%s-%d" % (owner, seq), start=tid + seq + 1)
-                except TimeoutError as e:
-                    with mu:
-                        problems.append("release %s/%d: %s" % (owner, seq, e))
-                    return
-                with mu:
-                    holds.append({"owner": owner, "token": b["token"], "send": t_send,
-                                  "acq_ack": t_ack, "rel_sent": t_rel, "rel": rr.status,
-                                  "lease": b["lease_id"]})
-                    if rr.status != 204:
-                        problems.append("release %s/%d token %d: %r" % (owner, seq, b["token"],
-                                                                         rr))
-                # Leases of finished holds are revoked (not retried; a leftover is harmless).
-                try:
-                    c.nodes[seq % 3].req("DELETE", "/v1/leases/" + b["lease_id"],
-                                         timeout=slow(3.0))
-                except OSError:
-                    pass
-
-        threads = [threading.Thread(target=incrementer, args=(i,)) for i in range(4)]
-        threads += [threading.Thread(target=locker, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.daemon = True
-            t.start()
+        load = Load(c, "fo", "fo-lock")
+        load.start()
         try:
-            def count(pred):
-                with mu:
-                    return sum(1 for x in incs if pred(x))
-            self.assertTrue(wait_until(lambda: count(lambda x: True) >= 40 and len(holds) >= 5,
+            self.assertTrue(wait_until(lambda: load.count() >= 40 and load.n_holds() >= 5,
                                        slow(10.0)), "no progress before the kill: %d incs, %d "
-                            "holds, problems %r" % (len(incs), len(holds), problems))
+                            "holds, problems %r" % (load.count(), load.n_holds(), load.problems))
             leader = c.leader()
             self.assertIsNotNone(leader)
             t_kill = time.monotonic()
@@ -614,69 +678,55 @@ class TestFailover(ClusterTest):
             t_elected = time.monotonic()
             self.assertIsNotNone(new, "no new leader after the kill")
             self.assertIsNot(new, leader)
-            self.assertTrue(wait_until(lambda: count(lambda x: x[0] > t_kill) >= 40,
+            self.assertTrue(wait_until(lambda: load.count(lambda x: x[0] > t_kill) >= 40,
                                        slow(15.0)), "writes did not resume after the kill")
-            holds_at_restart = len(holds)
+            holds_at_restart = load.n_holds()
             leader.start()
             c.wait_ready(timeout=slow(15.0))
-            self.assertTrue(wait_until(lambda: count(lambda x: True) > 0 and
-                                       len(holds) >= holds_at_restart + 5, slow(10.0)),
-                            "lock cycles did not go on after the restart")
+            self.assertTrue(wait_until(lambda: load.n_holds() >= holds_at_restart + 5,
+                                       slow(10.0)), "lock cycles did not go on after the restart")
             time.sleep(0.5)
         finally:
-            stop.set()
-            for t in threads:
-                t.join(slow(30.0))
-        self.assertFalse(any(t.is_alive() for t in threads), "client threads hang")
-        self.assertEqual(problems, [])
-
-        after = sorted(x[1] - t_kill for x in incs if x[0] > t_kill)
+            stopped = load.stop()
+        self.assertTrue(stopped, "client threads hang")
+        after = sorted(x[1] - t_kill for x in load.incs if x[0] > t_kill)
         recovery = after[0] if after else None
-        max_attempts = max(x[3] for x in incs)
         print("\nfailover: leader %s killed; new leader %s seen after %.3f s; first write sent "
               "after the kill acknowledged after %.3f s; %d increments, %d lock holds, max "
-              "attempts for one write %d" % (leader.id, new.id, t_elected - t_kill,
-                                             recovery, len(incs), len(holds), max_attempts),
-              file=sys.stderr)
+              "attempts for one write %d" % (leader.id, new.id, t_elected - t_kill, recovery,
+                                             len(load.incs), len(load.holds),
+                                             max(x[3] for x in load.incs)), file=sys.stderr)
         self.assertLess(recovery, slow(10.0))
+        load.check(self)
+        self.assertGreater(sum(1 for h in load.holds if h["send"] > t_kill), 0)
 
-        # Exactly once: the counter is the number of acknowledged increments, each of which saw
-        # its own value.
-        n_acked = len(incs)
-        values = sorted(x[2] for x in incs)
-        self.assertEqual(len(set(values)), n_acked, "two acknowledged increments saw one value")
-        for n in c.nodes:
-            r = n.req("GET", "/v1/counters/fo")
-            self.assertEqual(r.status, 200, r)
-            self.assertEqual(r.json()["value"], n_acked,
-                             "counter on %s differs from the acknowledged increments" % n.id)
-        self.assertEqual(values[-1], n_acked)
-        # The restarted node converges too (its own state, not forwarded).
-        for n in c.nodes:
-            def conv(n=n):
-                r = n.req("GET", "/v1/counters/fo?consistency=stale",
-                          headers=[("Gateway-Forwarded-By", "t")])
-                return r.status == 200 and r.json()["value"] == n_acked
-            self.assertTrue(wait_until(conv, slow(10.0)), "%s did not converge" % n.id)
-
-        # Locks: tokens strictly increase from holder to holder, and ordered by token the
-        # holding intervals [acquire acknowledged, release sent] never overlap.
-        by_token = sorted(holds, key=lambda h: h["token"])
-        tokens = [h["token"] for h in by_token]
-        self.assertEqual(len(set(tokens)), len(tokens), "one token granted twice: %r" % tokens)
-        by_ack = sorted(holds, key=lambda h: h["acq_ack"])
-        for a, b in zip(by_ack, by_ack[1:]):
-            self.assertLess(a["token"], b["token"], "token went down between holders: %r %r"
-                            % (a, b))
-        for a, b in zip(by_token, by_token[1:]):
-            self.assertLessEqual(a["rel_sent"], b["acq_ack"],
-                                 "two holders of fo-lock at once: %r and %r" % (a, b))
-        self.assertGreater(sum(1 for h in holds if h["send"] > t_kill), 0)
-        # Fencing goes on across the leader change and restart.
-        r = c.nodes[0].req("POST", "/v1/locks/fo-lock", {"owner": "final", "ttl_ms": 5000,
-                                                         "wait_ms": 5000})
-        self.assertEqual(r.status, 200, r)
-        self.assertGreater(r.json()["token"], tokens[-1])
+    def test_repeated_kill9_of_random_nodes(self):
+        """kill -9 of a random node (leader or not) and its restart, again and again."""
+        c = self.new_cluster(election_timeout_ms=600, heartbeat_ms=60, snapshot_every=200)
+        c.start()
+        c.wait_ready()
+        load = Load(c, "chaos", "chaos-lock")
+        rng = random.Random()
+        victims = []
+        load.start()
+        try:
+            for _ in range(6):
+                time.sleep(0.8)
+                v = rng.choice(c.nodes)
+                victims.append(v.id + ("*" if v.is_leader() else ""))
+                v.kill9()
+                time.sleep(0.5)
+                v.start()
+            c.wait_ready(timeout=slow(15.0))
+            before = load.count()
+            self.assertTrue(wait_until(lambda: load.count() >= before + 20, slow(15.0)),
+                            "writes did not go on after the last restart")
+        finally:
+            stopped = load.stop()
+        self.assertTrue(stopped, "client threads hang")
+        n = load.check(self)
+        print("\nkill -9 of %s (* = leader): %d increments, %d lock holds, none lost"
+              % (" ".join(victims), n, len(load.holds)), file=sys.stderr)
 
 
 class TestPausedLeader(ClusterTest):
