@@ -65,7 +65,7 @@ const char *gw_fsm_errname(int err);
 #define GW_FSM_MAX_NODE 63          /* node names in quota grants and claims: 1..63 printable */
 #define GW_FSM_QUOTA_LEASE_MAX_MS 60000 /* lease_ms of a quota grant: 1..60000 */
 #define GW_FSM_QUOTA_COUNT_MAX 1000000  /* n in one QUOTA_ACQUIRE or QUOTA_RELEASE */
-#define GW_FSM_QUOTA_GRANTS_MAX 256     /* live grants per limiter; beyond, nothing is granted */
+#define GW_FSM_QUOTA_GRANTS_MAX 1024    /* live grants per limiter; beyond, nothing is granted */
 #define GW_FSM_GWIDEM_MAX_ROUTE 200     /* gateway idempotency: route 1..200 printable bytes */
 #define GW_FSM_GWIDEM_SAFETY_MS 600000  /* an in-flight claim lasts at least this (10 min) */
 

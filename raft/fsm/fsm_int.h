@@ -107,7 +107,7 @@ struct fsm_quota {
     uint64_t nanotokens;      /* token bucket: the unallotted budget B (nano-tokens) */
     uint64_t updated_ns;      /* token bucket: fsm time of the last refill, ns */
     uint64_t outstanding;     /* sum of the grants' counts */
-    struct fsm_grant *grants; /* owned; n_grants in id (= time) order */
+    struct fsm_grant *grants; /* owned; n_grants by (deadline, id) */
     uint32_t n_grants, cap_grants;
     struct fsm_past *past;    /* owned; sliding window only: n_past by increasing until */
     uint32_t n_past, cap_past;

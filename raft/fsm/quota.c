@@ -253,27 +253,18 @@ static int past_add(struct fsm_quota *q, uint64_t until, uint64_t count)
 static int quota_advance(struct fsm_quota *q, uint64_t t)
 {
     if (q->kind == GW_FSM_QUOTA_TOKEN_BUCKET) {
-        for (;;) {
-            uint32_t best = UINT32_MAX;
-            for (uint32_t i = 0; i < q->n_grants; i++)
-                if (q->grants[i].deadline <= t && (best == UINT32_MAX || q->grants[i].deadline < q->grants[best].deadline))
-                    best = i;
-            if (best == UINT32_MAX)
-                break;
-            tb_refill_to(q, ms_to_ns(q->grants[best].deadline));
-            grant_remove(q, best);
+        /* Grants are kept in deadline order: the first ones end first. */
+        while (q->n_grants > 0 && q->grants[0].deadline <= t) {
+            tb_refill_to(q, ms_to_ns(q->grants[0].deadline));
+            grant_remove(q, 0);
         }
         tb_refill_to(q, ms_to_ns(t));
         return 0;
     }
-    for (uint32_t i = 0; i < q->n_grants;) {
-        if (q->grants[i].deadline <= t) {
-            if (past_add(q, add_sat(q->grants[i].deadline, q->b), q->grants[i].count) < 0)
-                return GW_FSM_ERR_NOMEM;
-            grant_remove(q, i);
-        } else {
-            i++;
-        }
+    while (q->n_grants > 0 && q->grants[0].deadline <= t) {
+        if (past_add(q, add_sat(q->grants[0].deadline, q->b), q->grants[0].count) < 0)
+            return GW_FSM_ERR_NOMEM;
+        grant_remove(q, 0);
     }
     uint32_t k = 0;
     while (k < q->n_past && q->past[k].until <= t)
@@ -338,10 +329,7 @@ static void quota_times(const struct fsm_quota *q, uint64_t t, uint64_t *next_ms
             uint64_t m = NANO - q->nanotokens;
             *next_ms = ns_to_ms_ceil(m / q->b + (m % q->b != 0));
         } else {
-            uint64_t first = UINT64_MAX;
-            for (uint32_t i = 0; i < q->n_grants; i++)
-                if (q->grants[i].deadline < first)
-                    first = q->grants[i].deadline;
+            uint64_t first = q->n_grants ? q->grants[0].deadline : t;
             *next_ms = (first > t ? first - t : 0) + (1000 + q->b - 1) / q->b;
         }
         return;
@@ -499,11 +487,18 @@ static int do_quota_acquire(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64
             q->grants = ng;
             q->cap_grants = ncap;
         }
-        struct fsm_grant *gr = &q->grants[q->n_grants++];
+        /* Keep deadline order (a later command may carry a shorter lease). */
+        uint64_t deadline = add_sat(t, c->ttl_ms);
+        uint32_t pos = q->n_grants;
+        while (pos > 0 && q->grants[pos - 1].deadline > deadline)
+            pos--;
+        memmove(&q->grants[pos + 1], &q->grants[pos], (q->n_grants - pos) * sizeof(q->grants[0]));
+        q->n_grants++;
+        struct fsm_grant *gr = &q->grants[pos];
         memset(gr, 0, sizeof(*gr));
         gr->id = index;
         gr->count = g;
-        gr->deadline = add_sat(t, c->ttl_ms);
+        gr->deadline = deadline;
         gr->node_len = (uint8_t)c->owner_len;
         memcpy(gr->node, c->owner, c->owner_len);
         q->outstanding += g;

@@ -351,16 +351,20 @@ static int load_ext(struct gw_fsm *g, struct rd *r)
         q->updated_ns = upd;
         q->grants = gr;
         q->cap_grants = q->n_grants = ng;
-        uint64_t out = 0, last_id = 0;
+        uint64_t out = 0, last_id = 0, last_deadline = 0;
         for (uint32_t k = 0; k < ng; k++) {
             gr[k].id = r_le(r, 8);
             gr[k].count = r_le(r, 8);
             gr[k].deadline = r_le(r, 8);
             s = r_str8(r, &n);
-            if (r->bad || gr[k].id <= last_id || gr[k].id > g->last_index || gr[k].count == 0 ||
+            /* (deadline, id) strictly increasing: the order apply keeps */
+            bool ordered = k == 0 || gr[k].deadline > last_deadline ||
+                           (gr[k].deadline == last_deadline && gr[k].id > last_id);
+            if (r->bad || !ordered || gr[k].id == 0 || gr[k].id > g->last_index || gr[k].count == 0 ||
                 gr[k].count > GW_FSM_QUOTA_COUNT_MAX || !fsm_printable(s, n, GW_FSM_MAX_NODE))
                 return GW_FSM_ERR_MALFORMED;
             last_id = gr[k].id;
+            last_deadline = gr[k].deadline;
             gr[k].node_len = (uint8_t)n;
             memcpy(gr[k].node, s, n);
             out += gr[k].count;
