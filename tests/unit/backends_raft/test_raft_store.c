@@ -20,6 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include "node.h"
 #include "raft.h"
 
@@ -332,6 +335,90 @@ static void idempotency_across_nodes(void **state)
   gw_store_raft_close(b);
 }
 
+/* A node that cannot reach a majority: admissions never wait, nothing is admitted without an
+ * allotment, and idempotency answers an error (no leader) instead of a decision. */
+static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **state)
+{
+  (void)state;
+  char d2[256];
+  snprintf(d2, sizeof(d2), "%s/raftstore-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+  assert_non_null(mkdtemp(d2));
+  struct gw_node_config c;
+  memset(&c, 0, sizeof(c));
+  snprintf(c.name, sizeof(c.name), "m1");
+  snprintf(c.data_dir, sizeof(c.data_dir), "%s", d2);
+  c.election_timeout_ms = 150;
+  c.heartbeat_ms = 30;
+  c.snapshot_every = 100000;
+  c.cluster_id = 8;
+  struct sockaddr_in *sa = (struct sockaddr_in *)&c.raft_listen;
+  sa->sin_family = AF_INET;
+  sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sa->sin_port = htons((uint16_t)(20000 + getpid() % 20000));
+  c.raft_listen_len = sizeof(*sa);
+  for (int i = 0; i < 2; i++) {
+    struct gw_node_peer *p = &c.peers[i];
+    snprintf(p->name, sizeof(p->name), "m%d", i + 1);
+    p->id = gw_node_id_from_name(p->name);
+    memcpy(&p->raft, sa, sizeof(*sa));
+    ((struct sockaddr_in *)&p->raft)->sin_port = htons((uint16_t)(ntohs(sa->sin_port) + i));
+    p->raft_len = sizeof(*sa);
+  }
+  c.peer_count = 2; /* the second member never answers: no majority */
+  char err[512];
+  struct gw_node *lonely;
+  if (gw_node_start(&c, &lonely, err, sizeof(err)) != 0) {
+    fprintf(stderr, "skipped: %s\n", err);
+    return;
+  }
+  void *st;
+  assert_int_equal(gw_store_raft_open(lonely, "m1", &st), 0);
+  struct gw_limiter_spec spec;
+  memset(&spec, 0, sizeof(spec));
+  spec.kind = GW_LIMITER_TOKEN_BUCKET;
+  spec.tb.capacity = 100;
+  spec.tb.refill_per_sec = 100;
+  spec.max_keys = 8;
+  struct gw_store_raft_scope sc = gw_store_raft_scope(st, "lonely");
+  void *lim;
+  assert_int_equal(gw_store_raft.limiter_create(&sc, &spec, &lim), 0);
+  struct gw_idem_config icfg = {.max_records = 10, .max_bytes = 1 << 20, .ttl_ms = 1000};
+  void *idem;
+  assert_int_equal(gw_store_raft.idem_create(st, &icfg, &idem), 0);
+  struct waiter w;
+  memset(&w, 0, sizeof(w));
+  w.op.done = on_done;
+  w.op.ctx = &w;
+  struct gw_idem_fingerprint f = {1, 2};
+  assert_int_equal(gw_store_raft.idem_begin_async(idem, "r", 1, "k", 1, &f, now_ns(), copy_fn, &w, &w.op), 0);
+  uint64_t worst = 0, admitted = 0;
+  uint64_t t0 = now_ns();
+  while (now_ns() - t0 < 6000000000ull) {
+    uint64_t a = now_ns();
+    admitted += gw_store_raft.limiter_admit(lim, "", 0, a, NULL, NULL);
+    uint64_t el = now_ns() - a;
+    if (el > worst)
+      worst = el;
+    sleep_ms(2);
+  }
+  fprintf(stderr, "cut off: admitted %llu, slowest admit %llu us\n", (unsigned long long)admitted,
+          (unsigned long long)(worst / 1000));
+  assert_int_equal(admitted, 0);
+  assert_true(worst < 50000000ull); /* never a wait on Raft (50 ms leaves room for a loaded machine) */
+  wait_op(&w);
+  assert_int_equal(w.op.err, GW_STORE_RAFT_ENO_LEADER);
+  struct gw_store_raft_stats s;
+  gw_store_raft_stats(st, &s);
+  assert_true(s.refill_failures >= 1);
+  gw_store_raft.limiter_destroy(lim);
+  gw_store_raft.idem_destroy(idem);
+  gw_store_raft_close(st);
+  gw_node_stop(lonely);
+  char cmd[300];
+  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", d2);
+  assert_int_equal(system(cmd), 0);
+}
+
 static void forward_hook_carries_a_followers_command(void **state)
 {
   (void)state;
@@ -352,6 +439,7 @@ int main(void)
       cmocka_unit_test(three_nodes_never_exceed_a_sliding_window),
       cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
       cmocka_unit_test(idempotency_across_nodes),
+      cmocka_unit_test(cut_off_node_admits_nothing_it_does_not_hold_and_never_waits),
       cmocka_unit_test(forward_hook_carries_a_followers_command),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
