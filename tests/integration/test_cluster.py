@@ -573,7 +573,7 @@ class Load:
                 self.problem("increment %s: %r" % (key, r))
                 continue
             with self.mu:
-                self.incs.append((t_send, t_ack, r.json()["value"], att))
+                self.incs.append((t_send, t_ack, r.json()["value"], att, raft_index(r), tid))
 
     def locker(self, tid):
         seq = 0
@@ -625,9 +625,27 @@ class Load:
         values = sorted(x[2] for x in self.incs)
         test.assertEqual(len(set(values)), n_acked, "two acknowledged increments saw one value")
         test.assertEqual(values[-1], n_acked, "the counter went past the acknowledged writes")
+        # Linearizable: an increment acknowledged before another was sent saw a smaller value,
+        # and one client's successive writes carry increasing Raft-Index values.
+        by_ack = sorted(self.incs, key=lambda x: x[1])
+        k = 0
+        seen_max = 0
+        for x in sorted(self.incs, key=lambda x: x[0]):
+            while k < len(by_ack) and by_ack[k][1] < x[0]:
+                seen_max = max(seen_max, by_ack[k][2])
+                k += 1
+            test.assertGreater(x[2], seen_max, "increment sent at %.3f saw %d after %d was "
+                               "acknowledged" % (x[0], x[2], seen_max))
+        last_index = {}
+        for x in sorted(self.incs, key=lambda x: x[1]):
+            test.assertIsNotNone(x[4], "no Raft-Index on an acknowledged write")
+            test.assertGreater(x[4], last_index.get(x[5], 0), "Raft-Index went down for one "
+                               "client")
+            last_index[x[5]] = x[4]
         for n in self.c.running():
             r = n.req("GET", "/v1/counters/" + self.counter)
             test.assertEqual(r.status, 200, r)
+            test.assertGreaterEqual(raft_index(r) or 0, max(last_index.values()))
             test.assertEqual(r.json()["value"], n_acked,
                              "counter through %s differs from the acknowledged increments" % n.id)
         # Every node converges on it in its own state (a stale read is never forwarded).
