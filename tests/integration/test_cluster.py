@@ -1,11 +1,17 @@
 """The embedded Raft cluster with real processes on loopback (API.md section 4).
 
 A 3-node cluster elects a leader; every /v1 endpoint works through every node; kill -9 of the
-leader during a stream of idempotent increments and lock cycles loses no acknowledged write and
-never shows two holders of a lock at once; leases survive a failover; a follower that missed
-many entries catches up by snapshot; a torn WAL tail is repaired while corruption in the middle
-of the log is refused; a node whose disk is full refuses writes with 507 and loses nothing; a
+leader (and of random nodes, repeatedly) during a stream of idempotent increments and lock
+cycles loses no acknowledged write, keeps increments in real-time order and never shows two
+holders of a lock at once; a frozen old leader serves nothing stale; a minority answers 503
+no_leader; leases survive a failover and are not stretched by it; a follower that missed many
+entries catches up by snapshot; a torn WAL tail is repaired while corruption in the middle of
+the log is refused; a node whose disk is full refuses writes with 507 and loses nothing; a
 single-node raft backend keeps its writes across restarts.
+
+Run by hand: GW_BIN=build/gateway/gateway GW_UPSTREAM=build/tests/upstream/gw-upstream
+python3 tests/integration/test_cluster.py [TestClass[.test_name]]. The full-disk tests mount a
+tmpfs and are skipped when that is not permitted (not root).
 """
 
 import errno
