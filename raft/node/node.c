@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -158,6 +159,32 @@ static uint64_t mono_ms(void)
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* One JSON log line on stderr, in the gateway's shape ("ts", "level", "msg"), written whole. */
+static void node_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void node_log(const char *level, const char *fmt, ...)
+{
+  char msg[512], line[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  char when[32];
+  strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+  /* msg holds no quotes or backslashes from outside: names and error texts of this code. */
+  for (char *c = msg; *c; c++)
+    if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20)
+      *c = '\'';
+  int n = snprintf(line, sizeof(line), "{\"ts\":\"%s.%03ldZ\",\"level\":\"%s\",\"msg\":\"%s\"}\n",
+                   when, ts.tv_nsec / 1000000, level, msg);
+  if (n > 0 && write(STDERR_FILENO, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1) < 0) {
+    /* nowhere else to report */
+  }
 }
 
 /* ---- members ---- */
@@ -889,9 +916,8 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
   if (gw_fsm_apply(n->fsm, e->index, e->data, e->len, &n->res) == GW_FSM_ERR_NOMEM) {
     /* The machine may be half-applied: going on would let this replica diverge. A restart
      * rebuilds it from the snapshot and the log. */
-    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: out of memory applying entry %llu: "
-                    "stopping\"}\n",
-            (unsigned long long)e->index);
+    node_log("error", "raft: out of memory applying entry %llu: stopping",
+             (unsigned long long)e->index);
     abort();
   }
   n->last_apply_fsm_ms = gw_fsm_time(n->fsm);
@@ -972,8 +998,7 @@ static void apply_update(struct gw_node *n, const struct raft_update *u)
   if (u->snapshot) {
     n->last_apply_mono_ms = 0; /* the clock restarts from the snapshot's */
     if (restore_snapshot(n, u->snapshot->data, u->snapshot->len) != 0)
-      fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: a snapshot from the leader does not "
-                      "restore\"}\n");
+      node_log("error", "raft: a snapshot from the leader does not restore");
     if (u->snapshot->index > n->applied)
       n->applied = u->snapshot->index;
     /* Proposals the snapshot jumped over cannot be confirmed. */
@@ -1076,10 +1101,19 @@ static void take_snapshot(struct gw_node *n)
   free(fimg);
   if (!img)
     return;
-  if (raft_snapshot_saved(n->raft, at, img, len) == 0) {
+  int rc = raft_snapshot_saved(n->raft, at, img, len);
+  if (rc == 0) {
     const struct raft_snapshot *s = raft_last_snapshot(n->raft);
-    if (s && s->index == at && gw_wal_save_snapshot(n->wal, s, n->snapshot_trailing) == 0)
+    int wrc = s && s->index == at ? gw_wal_save_snapshot(n->wal, s, n->snapshot_trailing) : 0;
+    if (wrc == 0)
       n->ctr.snapshots++;
+    else
+      node_log("error", "raft: the snapshot at %llu could not be written (%s): the log keeps "
+                        "growing until one can",
+               (unsigned long long)at, gw_wal_strerror(wrc));
+  } else {
+    node_log("error", "raft: the core refused the snapshot at %llu (%s)", (unsigned long long)at,
+             raft_strerror(rc));
   }
   free(img);
 }
@@ -1161,20 +1195,18 @@ static void drain_updates(struct gw_node *n, uint64_t now)
     if (rc == GW_WAL_ERR_BROKEN) {
       /* An fsync failed: what the kernel holds is unknown, and retrying could report success
        * for data it dropped. Only a restart, which reads the log back, is safe. */
-      fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: an fsync of the log failed: "
-                      "stopping so a restart can recover from what is on disk\"}\n");
+      node_log("error", "raft: an fsync of the log failed: stopping so a restart can recover "
+                        "from what is on disk");
       abort();
     }
     if (rc != 0) {
       /* Nothing of u may be sent or acknowledged before it is durable: its messages are
        * dropped (Raft resends), its writes kept and retried; what was committed is applied
        * now, since commitment never rests on this node's unwritten entries. */
-      fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: the log cannot be written (%s): "
-                      "refusing writes until it can\"}\n",
-              gw_wal_strerror(rc));
+      node_log("error", "raft: the log cannot be written (%s): refusing writes until it can",
+               gw_wal_strerror(rc));
       if (!copy_stuck(n, &u)) {
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"raft: out of memory holding an "
-                        "unwritten update\"}\n");
+        node_log("error", "raft: out of memory holding an unwritten update");
         abort(); /* going on could acknowledge what is not durable */
       }
       n->stuck = true;
@@ -1367,7 +1399,7 @@ int gw_node_submit(struct gw_node *n, struct gw_node_req *req)
 static void wal_log(void *ctx, const char *line)
 {
   (void)ctx;
-  fprintf(stderr, "{\"level\":\"warn\",\"msg\":\"raft log: %s\"}\n", line);
+  node_log("warn", "raft log: %s", line);
 }
 
 static void node_free(struct gw_node *n)
