@@ -4,8 +4,6 @@
  */
 #include "sliding_window.h"
 
-#include <assert.h>
-
 static uint64_t gran(const struct gw_sliding_window_config *cfg)
 {
   return cfg->granularity_ns > 1 ? cfg->granularity_ns : 1;
@@ -87,7 +85,7 @@ static void fill_info(struct gw_sliding_window *w, const struct gw_sliding_windo
   uint64_t wn = window_ns(cfg);
   info->limit = cfg->limit;
   info->window_s = gw_ns_to_s_ceil(wn);
-  info->remaining = cfg->limit - w->total;
+  info->remaining = w->total < cfg->limit ? cfg->limit - w->total : 0;
   if (w->len == 0) {
     info->reset_s = 0;
     info->next_s = 0;
@@ -106,15 +104,17 @@ bool gw_sliding_window_admit(struct gw_sliding_window *w,
 {
   expire(w, cfg, now_ns);
   bool ok = w->total < cfg->limit;
+  uint64_t g = gran(cfg);
+  uint64_t at = now_ns % g == 0 ? now_ns : gw_sat_add(now_ns - now_ns % g, g);
+  uint32_t tail = w->len > 0 ? slot(w, w->len - 1) : 0;
+  bool fresh_run = w->len == 0 || w->runs[tail] < at;
+  if (ok && fresh_run && w->len == w->cap)
+    ok = false; /* only if the state was sized for another config: refuse, never overrun */
   if (ok) {
-    uint64_t g = gran(cfg);
-    uint64_t at = now_ns % g == 0 ? now_ns : gw_sat_add(now_ns - now_ns % g, g);
     uint32_t *cnt = counts(w);
-    uint32_t tail = w->len > 0 ? slot(w, w->len - 1) : 0;
-    if (w->len > 0 && w->runs[tail] >= at) {
+    if (!fresh_run) {
       cnt[tail]++; /* same granule, or a clock reading from the past: count it as the newest */
     } else {
-      assert(w->len < w->cap);
       uint32_t s = slot(w, w->len);
       w->runs[s] = at;
       cnt[s] = 1;

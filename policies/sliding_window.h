@@ -20,7 +20,9 @@
  * hold it inline.
  *
  * Invariants: runs are in increasing time order; total = sum of run counts <= limit; a clock
- * reading older than the newest run is counted in the newest run (conservative).
+ * reading older than the newest run is counted in the newest run (conservative). A state must be
+ * re-initialised when limit, window_ms or granularity_ns change (its size depends on them); a
+ * stale one is never overrun, it refuses once its ring is full.
  */
 #ifndef GW_SLIDING_WINDOW_H
 #define GW_SLIDING_WINDOW_H

@@ -32,15 +32,17 @@ static void refill(struct gw_token_bucket *b, const struct gw_token_bucket_confi
     return; /* same instant, or a clock reading from the past: nothing accrues */
   uint64_t elapsed = now_ns - b->updated_ns;
   uint64_t full = cfg->capacity * NANO;
+  b->updated_ns = now_ns;
+  if (b->nanotokens >= full) {
+    b->nanotokens = full; /* also clamps a bucket kept across a config change to less capacity */
+    return;
+  }
   uint64_t need = full - b->nanotokens;
   /* elapsed * rate may overflow; compare against the time to fill instead. */
   if (elapsed >= need / cfg->refill_per_sec + 1)
     b->nanotokens = full;
   else
-    b->nanotokens += elapsed * cfg->refill_per_sec; /* < need + rate: no overflow */
-  if (b->nanotokens > full)
-    b->nanotokens = full;
-  b->updated_ns = now_ns;
+    b->nanotokens += elapsed * cfg->refill_per_sec; /* <= need: no overflow */
 }
 
 bool gw_token_bucket_try_take(struct gw_token_bucket *b, const struct gw_token_bucket_config *cfg,

@@ -6,7 +6,8 @@
  * fraction of a token is ever rounded away and the bucket never drifts.
  *
  * Invariants: 0 <= nanotokens <= capacity * 10^9; updated_ns never moves backwards (a clock
- * reading older than the last one is treated as "no time passed").
+ * reading older than the last one is treated as "no time passed"). A bucket may be kept across a
+ * config change: with less capacity it is clamped at the next call.
  *
  * Take N / give back N exist for a cluster quota-leasing layer (a node leases a batch of tokens
  * from the replicated budget, spends them locally, and gives back what it did not use).

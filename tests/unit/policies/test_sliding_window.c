@@ -254,6 +254,29 @@ static void big_limit_fills_and_drains_the_ring(void **state)
   free(w);
 }
 
+static void state_sized_for_another_config_is_never_overrun(void **state)
+{
+  struct gw_sliding_window_config small = {.limit = 2, .window_ms = 1000};
+  struct gw_sliding_window_config big = {.limit = 5, .window_ms = 1000};
+  struct gw_sliding_window *w = make(&small); /* room for 2 runs only */
+  assert_true(gw_sliding_window_admit(w, &big, T0, NULL));
+  assert_true(gw_sliding_window_admit(w, &big, T0 + 1, NULL));
+  assert_true(gw_sliding_window_admit(w, &big, T0 + 1, NULL));  /* same time: same run */
+  assert_false(gw_sliding_window_admit(w, &big, T0 + 2, NULL)); /* would need a third run */
+  assert_true(gw_sliding_window_admit(w, &big, T0 + 1000 * MS, NULL));
+  free(w);
+
+  /* The other way round: more admissions held than the new limit allows. */
+  w = make(&big);
+  for (int i = 0; i < 5; i++)
+    assert_true(gw_sliding_window_admit(w, &big, T0 + (uint64_t)i, NULL));
+  struct gw_ratelimit_info info;
+  assert_false(gw_sliding_window_admit(w, &small, T0 + 10, &info));
+  assert_int_equal(info.remaining, 0);
+  assert_int_equal(info.retry_after_s, 1);
+  free(w);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -268,6 +291,7 @@ int main(void)
       cmocka_unit_test(coarse_granularity_never_exceeds_limit),
       cmocka_unit_test(millisecond_times_are_exact_at_millisecond_granularity),
       cmocka_unit_test(big_limit_fills_and_drains_the_ring),
+      cmocka_unit_test(state_sized_for_another_config_is_never_overrun),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -231,6 +231,19 @@ static void admissions_never_exceed_capacity_plus_refill_over_any_interval(void 
   }
 }
 
+static void bucket_kept_across_a_smaller_capacity_is_clamped(void **state)
+{
+  struct gw_token_bucket_config big = {.capacity = 10, .refill_per_sec = 1};
+  struct gw_token_bucket_config small = {.capacity = 3, .refill_per_sec = 1};
+  struct gw_token_bucket b;
+  gw_token_bucket_init(&b, &big, T0);
+  assert_int_equal(gw_token_bucket_available(&b, &small, T0 + 5 * S), 3);
+  for (int i = 0; i < 3; i++)
+    assert_true(gw_token_bucket_admit(&b, &small, T0 + 5 * S, NULL));
+  assert_false(gw_token_bucket_admit(&b, &small, T0 + 5 * S, NULL));
+  assert_true(gw_token_bucket_admit(&b, &small, T0 + 6 * S, NULL));
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -246,6 +259,7 @@ int main(void)
       cmocka_unit_test(wait_ns_for_more_than_capacity_is_forever),
       cmocka_unit_test(admission_rate_matches_refill_rate_over_time),
       cmocka_unit_test(admissions_never_exceed_capacity_plus_refill_over_any_interval),
+      cmocka_unit_test(bucket_kept_across_a_smaller_capacity_is_clamped),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
