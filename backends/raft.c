@@ -36,6 +36,8 @@
 #define RATE_BUCKET_NS (100 * NS_PER_MS)
 #define FAIL_BACKOFF_NS (50 * NS_PER_MS)
 #define HOUSEKEEP_MS 50
+#define WANT_SLACK_NS (1500 * NS_PER_MS)
+#define RENEW_LEASE_MS 250
 #define CLAIM_BUCKETS 1024
 #define MAX_CLAIMS 65536
 /* A stored response must fit one log entry (1 MiB by default) with the command around it. */
@@ -396,6 +398,7 @@ struct lstate {
   uint64_t rate_cur, rate_prev;
   uint64_t rep_remaining, rep_spent, rep_next_ms, rep_reset_ms;
   uint64_t backoff_until;
+  uint64_t want_until;        /* refused for want of an allotment: keep one ready until then */
   uint32_t n;
   uint8_t refilling, have_report, in_ring, pad_;
 };
@@ -658,7 +661,7 @@ static void fill_info(const struct raft_limiter *l, const struct lstate *s, bool
 }
 
 static struct rq *refill_prepare(struct raft_limiter *l, struct lstate *s, const void *key,
-                                 size_t len, uint64_t now)
+                                 size_t len, uint64_t now, uint64_t min_lease_ms)
 {
   uint64_t b = batch_size(l, s, now);
   struct rq *q = rq_new(l->st, RQ_ACQUIRE);
@@ -673,7 +676,7 @@ static struct rq *refill_prepare(struct raft_limiter *l, struct lstate *s, const
   q->nr.cmd.quota_a = l->q;
   q->nr.cmd.quota_b = l->spec.kind == GW_LIMITER_TOKEN_BUCKET ? l->spec.tb.refill_per_sec : l->spec.sw.window_ms;
   q->nr.cmd.count = b;
-  q->nr.cmd.ttl_ms = l->lease_ms;
+  q->nr.cmd.ttl_ms = l->lease_ms > min_lease_ms ? l->lease_ms : min_lease_ms;
   q->lim = l;
   q->send_ns = now;
   if (len > RING_KEY_MAX && (q->lkey = malloc(len)) == NULL) {
@@ -746,11 +749,18 @@ static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t no
     ok = true;
   }
   if (!s->refilling && now_ns >= s->backoff_until && s->held <= batch_size(l, s, now_ns) / 2)
-    refill = refill_prepare(l, s, key, len, now_ns);
-  if (ok)
+    refill = refill_prepare(l, s, key, len, now_ns, 0);
+  if (ok) {
     l->admitted++;
-  else
+    s->want_until = 0; /* served: the usual refill and idle rules apply again */
+  } else {
+    /* The client is told to come back in Retry-After: keep an allotment ready for it until a
+     * little after that (the housekeeper renews it while its lease runs out). */
+    uint64_t next_s = s->have_report ? s->rep_next_ms / 1000 + (s->rep_next_ms % 1000 != 0) : 0;
+    uint64_t ra = next_s < 1 ? 1 : next_s > 60 ? 60 : next_s;
+    s->want_until = now_ns + ra * 1000000000ull + WANT_SLACK_NS;
     l->rejected++;
+  }
   fill_info(l, s, ok, info);
   pthread_mutex_unlock(&l->mu);
   if (refill != NULL)
@@ -852,6 +862,25 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
     if (s == NULL)
       continue; /* evicted */
     prune(s, now);
+    if (now < s->want_until) {
+      /* A refused client will be back: renew the allotment before its lease runs out. */
+      uint64_t soonest = UINT64_MAX;
+      for (uint32_t k = 0; k < s->n; k++)
+        if (s->g[k].deadline_ns < soonest)
+          soonest = s->g[k].deadline_ns;
+      bool ending = s->n == 0 || soonest - now < 2 * HOUSEKEEP_MS * NS_PER_MS;
+      if (ending && !s->refilling && now >= s->backoff_until && *n_out < cap) {
+        /* A lease longer than the housekeeping period, so renewals leave no gap; it holds
+         * a unit or two of the budget a little longer, nothing more. */
+        struct rq *q = refill_prepare(l, s, e->key, e->len, now, RENEW_LEASE_MS);
+        if (q != NULL)
+          out[(*n_out)++] = q;
+      }
+      if (w != i)
+        l->ring[w] = *e;
+      w++;
+      continue;
+    }
     bool idle = now - s->last_ns >= l->idle_ns && !s->refilling;
     if (s->n == 0 || (idle && *n_out + s->n <= cap)) {
       if (s->n > 0) {
@@ -910,8 +939,12 @@ static void *housekeeper(void *arg)
     for (size_t j = 0; j < k; j++) {
       size_t n = 0;
       limiter_housekeep(all[j], now, batch, &n, sizeof(batch) / sizeof(batch[0]));
-      for (size_t i = 0; i < n; i++)
-        rq_submit(batch[i]);
+      for (size_t i = 0; i < n; i++) {
+        if (batch[i]->kind == RQ_ACQUIRE)
+          refill_submit(batch[i]->lim, batch[i]);
+        else
+          rq_submit(batch[i]);
+      }
       pthread_mutex_lock(&all[j]->mu);
       lim_unref_locked_and_unlock(all[j]);
     }

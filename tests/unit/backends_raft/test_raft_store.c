@@ -134,6 +134,30 @@ static void cold_key_is_refused_then_served_from_the_allotment(void **state)
   gw_store_raft_close(st);
 }
 
+/* A client refused once comes back after Retry-After and finds an allotment, however short the
+ * lease; and the store stops renewing it a while after nobody asks. */
+static void refused_client_finds_an_allotment_when_it_retries(void **state)
+{
+  (void)state;
+  void *st = open_store("h1");
+  void *lim = make_limiter(st, "retry", GW_LIMITER_TOKEN_BUCKET, 10, 100); /* lease 25 ms */
+  struct gw_ratelimit_info info;
+  assert_false(gw_store_raft.limiter_admit(lim, "10.0.0.1", 8, now_ns(), &info, NULL));
+  assert_int_equal(info.retry_after_s, 1);
+  sleep_ms(1000);
+  assert_true(gw_store_raft.limiter_admit(lim, "10.0.0.1", 8, now_ns(), &info, NULL));
+  sleep_ms(3500);
+  struct gw_store_raft_stats a, b;
+  gw_store_raft_stats(st, &a);
+  sleep_ms(1000);
+  gw_store_raft_stats(st, &b);
+  fprintf(stderr, "retry: %llu refills while wanted, %llu after\n", (unsigned long long)a.refills,
+          (unsigned long long)(b.refills - a.refills));
+  assert_int_equal(b.refills, a.refills);
+  gw_store_raft.limiter_destroy(lim);
+  gw_store_raft_close(st);
+}
+
 /* Three instances hammer one key for about a second: never more than the limit in all. */
 static void three_nodes_never_exceed_a_token_bucket(void **state)
 {
@@ -199,7 +223,8 @@ static void idle_allotment_goes_back_to_the_cluster(void **state)
     sleep_ms(1);
   }
   assert_int_equal(got, 12);
-  sleep_ms(600); /* idle: what a holds goes back */
+  sleep_ms(600); /* idle: what a holds goes back (its first request was refused, so the
+                  * store kept an allotment ready for a retry; the retry came, so no longer) */
   struct gw_store_raft_stats s;
   gw_store_raft_stats(a, &s);
   fprintf(stderr, "idle: a admitted %d, released %llu units in %llu releases\n", got,
@@ -435,6 +460,7 @@ int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(cold_key_is_refused_then_served_from_the_allotment),
+      cmocka_unit_test(refused_client_finds_an_allotment_when_it_retries),
       cmocka_unit_test(three_nodes_never_exceed_a_token_bucket),
       cmocka_unit_test(three_nodes_never_exceed_a_sliding_window),
       cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
