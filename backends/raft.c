@@ -730,6 +730,11 @@ static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t no
 {
   struct raft_limiter *l = p;
   struct rq *refill = NULL;
+  /* Leases are checked against the clock itself: a caller's reading taken a while ago must
+   * not let a unit be spent after its local deadline. */
+  uint64_t clock = mono_ns();
+  if (clock > now_ns)
+    now_ns = clock;
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, key, len, true, evicted);
   if (s->born_ns == 0)
