@@ -207,13 +207,12 @@ static bool change_route(struct creq *q, struct gw_control *c, const char *name,
 
 /* ---- live state and overrides ---- */
 
-static void limiter_json(cJSON *parent, const char *key, const struct gw_route_rt *rt, void *lim,
-                         uint64_t now)
+static void limiter_json(cJSON *parent, const char *key, const struct gw_part *part, uint64_t now)
 {
   struct gw_limiter_stats ls;
   struct gw_ratelimit_info info;
-  rt->store->limiter_stats(lim, &ls);
-  rt->store->limiter_peek(lim, NULL, 0, now, &info);
+  part->ops->limiter_stats(part->obj, &ls);
+  part->ops->limiter_peek(part->obj, NULL, 0, now, &info);
   cJSON *o = cJSON_AddObjectToObject(parent, key);
   cJSON_AddNumberToObject(o, "limit", (double)info.limit);
   cJSON_AddNumberToObject(o, "remaining", (double)info.remaining); /* the route-wide key */
@@ -254,9 +253,9 @@ static void route_state(struct creq *q, const struct gw_route *r)
     cJSON_AddNumberToObject(b, "rejected", (double)s.rejected);
   }
   if (rt->token_bucket)
-    limiter_json(doc, "token_bucket", rt, rt->token_bucket->obj, now);
+    limiter_json(doc, "token_bucket", rt->token_bucket, now);
   if (rt->sliding_window)
-    limiter_json(doc, "sliding_window", rt, rt->sliding_window->obj, now);
+    limiter_json(doc, "sliding_window", rt->sliding_window, now);
   if (r->degradation.enabled) {
     cJSON *d = cJSON_AddObjectToObject(doc, "degradation");
     pthread_mutex_lock(&rt->mu);
@@ -279,6 +278,7 @@ static void route_state(struct creq *q, const struct gw_route *r)
   cJSON_AddNumberToObject(cnt, "breaker_rejected", (double)atomic_load(&rt->breaker_rejected));
   cJSON_AddNumberToObject(cnt, "retries", (double)atomic_load(&rt->retries));
   cJSON_AddNumberToObject(cnt, "replays", (double)atomic_load(&rt->replays));
+  cJSON_AddNumberToObject(cnt, "store_errors", (double)atomic_load(&rt->store_errors));
   set_json(q, 200, doc);
 }
 

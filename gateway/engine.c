@@ -48,7 +48,7 @@
 
 enum tag { TAG_MHD = 1, TAG_EVENT = 2, TAG_CURL = 3 };
 
-enum req_state { REQ_NEW, REQ_BODY, REQ_UPSTREAM, REQ_DONE, REQ_REPLIED };
+enum req_state { REQ_NEW, REQ_BODY, REQ_UPSTREAM, REQ_FINISHING, REQ_DONE, REQ_REPLIED };
 
 struct worker;
 
@@ -742,8 +742,15 @@ static void complete(struct req *r, int err)
   r->err = err;
   if (err)
     gw_resp_error(&r->resp, err, 0);
-  if (r->p_active)
-    gw_pipeline_finish(&r->p, &r->view, r->last_result, err, now_ns(), &r->resp);
+  if (r->p_active && gw_pipeline_finish(&r->p, &r->view, r->last_result, err, now_ns(), &r->resp)) {
+    /* The idempotency record is being stored: answer when the store says it is. */
+    r->state = REQ_FINISHING;
+    if (!r->suspended) {
+      MHD_suspend_connection(r->conn);
+      r->suspended = true;
+    }
+    return;
+  }
   r->state = REQ_DONE;
   if (r->suspended) {
     r->suspended = false;
@@ -1062,11 +1069,19 @@ static void wake_req(void *ctx)
  * queued at once; otherwise the connection is resumed with it. */
 static enum MHD_Result continue_pipeline(struct req *r)
 {
+  if (r->state == REQ_FINISHING) {
+    gw_pipeline_finish_done(&r->p);
+    r->state = REQ_DONE;
+    r->suspended = false;
+    MHD_resume_connection(r->conn);
+    r->w->resumed = true;
+    return MHD_YES;
+  }
   enum gw_step st = gw_pipeline_begin(&r->p, &r->view, now_ns(), &r->resp);
   if (st == GW_STEP_ANSWER) {
     bool in_handler = !r->suspended;
     complete(r, 0);
-    return in_handler ? send_response(r) : MHD_YES;
+    return in_handler && r->state == REQ_DONE ? send_response(r) : MHD_YES;
   }
   r->state = REQ_UPSTREAM;
   if (!r->suspended) {
@@ -1149,6 +1164,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->p_active = true;
     return continue_pipeline(r);
   case REQ_UPSTREAM:
+  case REQ_FINISHING:
     return MHD_YES; /* spurious call while suspended */
   case REQ_DONE:
     return send_response(r);
@@ -1205,7 +1221,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (r->p_active)
       gw_pipeline_finish(&r->p, &r->view, r->last_result, GW_ESHUTTING_DOWN, now_ns(), &r->resp);
   }
-  if (r->p_active && r->p.rt) /* answered before the chain finished (cannot happen) */
+  if (r->p_active && r->p.rt && r->state != REQ_FINISHING) /* cannot happen: defensive */
     gw_pipeline_finish(&r->p, &r->view, r->last_result, r->err, now_ns(), &r->resp);
   if (r->counted) {
     if (!r->p_active) {

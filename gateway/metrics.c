@@ -116,6 +116,8 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
       {"gateway_retries_total", "Retries made to upstreams.", offsetof(struct gw_route_rt, retries)},
       {"gateway_idempotent_replays_total", "Answers replayed from an idempotency record.",
        offsetof(struct gw_route_rt, replays)},
+      {"gateway_store_errors_total", "Times a shared store (backend redis) could not answer.",
+       offsetof(struct gw_route_rt, store_errors)},
   };
   for (size_t k = 0; k < sizeof(counters) / sizeof(counters[0]); k++) {
     family(b, counters[k].name, "counter", counters[k].help);

@@ -863,13 +863,31 @@ bool gw_pipeline_try_end(struct gw_preq *p, enum gw_try_result result, int statu
   return again;
 }
 
-void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_try_result result,
+static void finish_log(const struct gw_route *r, int rc)
+{
+  if (rc && rc != GW_POLICY_ESTALE)
+    gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
+                    "execute again", r->name,
+            rc <= -2100 && rc > -2200 ? gw_store_redis_strerror(rc) : gw_policy_strerror(rc));
+}
+
+void gw_pipeline_finish_done(struct gw_preq *p)
+{
+  if (!p->rt)
+    return;
+  finish_log(p->route, p->op.err);
+  gw_route_rt_unref(p->rt);
+  p->rt = NULL;
+}
+
+bool gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_try_result result,
                         int err, uint64_t now_ns, struct gw_resp *resp)
 {
   struct gw_route_rt *rt = p->rt;
   const struct gw_route *r = p->route;
+  bool waiting = false;
   if (!rt)
-    return;
+    return false;
   if (p->tries > 0 && !p->replayed) {
     bool failed = err != 0 || result != GW_TRY_RESPONSE ||
                   (r->breaker.enabled ? gw_status_set_has(&r->breaker.c.failure_statuses,
@@ -896,13 +914,20 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
                                   .body = resp->body.p ? resp->body.p : "",
                                   .body_len = resp->body.len};
     const struct gw_store_ops *ops = rt->idem->ops;
-    int rc = ops->idem_finish_async
-                 ? ops->idem_finish_async(rt->idem->obj, &p->claim, origin, &ir, now_ns, NULL)
-                 : ops->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns);
-    if (rc && rc != GW_POLICY_ESTALE)
-      gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
-                      "execute again", r->name,
-              rc <= -2100 && rc > -2200 ? gw_store_redis_strerror(rc) : gw_policy_strerror(rc));
+    if (ops->idem_finish_async) {
+      /* The answer leaves only once the record is stored, so a duplicate sent anywhere right
+       * after it is replayed, not told the first one is still in flight. */
+      memset(&p->op, 0, sizeof(p->op));
+      p->op.done = op_done;
+      p->op.ctx = p;
+      int rc = ops->idem_finish_async(rt->idem->obj, &p->claim, origin, &ir, now_ns, &p->op);
+      if (rc == 0)
+        waiting = true;
+      else
+        finish_log(r, rc);
+    } else {
+      finish_log(r, ops->idem_finish(rt->idem->obj, &p->claim, origin, &ir, now_ns));
+    }
     p->idem_claimed = false;
   }
   int st = resp->status;
@@ -927,6 +952,9 @@ void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_
     gw_degrade_leave(&rt->degrade);
   pthread_mutex_unlock(&rt->mu);
   p->conc_held = false;
+  if (waiting)
+    return true; /* the live state stays referenced until gw_pipeline_finish_done */
   gw_route_rt_unref(rt);
   p->rt = NULL;
+  return false;
 }

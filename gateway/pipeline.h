@@ -172,9 +172,12 @@ bool gw_pipeline_try_end(struct gw_preq *p, enum gw_try_result result, int statu
  * (err, 0 when resp came from the upstream, or the gw_err answered). The last try's result is
  * given for the degradation decision. May replace resp with a stale response or a fallback
  * (setting p->degraded), stores it for idempotent replays, and releases what the request held.
+ * Returns true when the idempotency record is being stored asynchronously: p->wake will be
+ * called, then call gw_pipeline_finish_done before sending resp.
  */
-void gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_try_result result,
+bool gw_pipeline_finish(struct gw_preq *p, const struct gw_req_view *v, enum gw_try_result result,
                         int err, uint64_t now_ns, struct gw_resp *resp);
+void gw_pipeline_finish_done(struct gw_preq *p);
 
 /* Fill resp with the JSON error of err (and Retry-After when retry_after_s > 0). */
 void gw_resp_error(struct gw_resp *resp, int err, uint64_t retry_after_s);
