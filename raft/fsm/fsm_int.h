@@ -116,6 +116,10 @@ struct fsm_quota {
     char id[GW_FSM_MAX_QUOTA_ID + 1];
 };
 
+/* Bytes a gateway record counts besides its route, key and response: a fixed figure, not a
+ * sizeof, so the bound decides the same on every replica whatever the build. */
+#define FSM_GWIDEM_OVERHEAD 160
+
 /* One gateway idempotency record (quota.c): in flight under a claim, or completed. */
 struct fsm_gwidem {
     struct fsm_gwidem *prev, *next; /* the sweep ring's order (head examined first) */

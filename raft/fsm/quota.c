@@ -678,7 +678,7 @@ static int do_idem_begin(struct gw_fsm *f, const struct gw_fsm_cmd *c, uint64_t 
         }
         return 0;
     }
-    uint64_t bytes = sizeof(*r) + c->name_len + c->key_len;
+    uint64_t bytes = FSM_GWIDEM_OVERHEAD + c->name_len + c->key_len;
     if (f->gwidems.n >= f->cfg.max_gwidem_records || f->gw_bytes + bytes > f->cfg.max_gwidem_bytes) {
         fsm_out_fail(res, 503, FSM_OUT_TOO_MANY_RECORDS, "the idempotency record store is full");
         return 0;

@@ -441,7 +441,7 @@ static int load_ext(struct gw_fsm *g, struct rd *r)
         rec->resp = resp;
         rec->headers_len = (uint32_t)hl;
         rec->body_len = (uint32_t)bl;
-        rec->bytes = sizeof(*rec) + rl + kl + hl + bl;
+        rec->bytes = FSM_GWIDEM_OVERHEAD + rl + kl + hl + bl;
         g->gw_bytes += rec->bytes;
         fsm_gwidem_link_tail(g, rec);
     }
