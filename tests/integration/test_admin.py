@@ -702,7 +702,7 @@ class AdminApiTest(AdminCase):
         self.assertEqual((d["mode"], d["in_flight"], d["max_concurrent"], d["slow"]),
                          ("auto", 0, 10, False), s)
         self.assertEqual(s["counters"], {"rate_limited": 0, "breaker_rejected": 0,
-                                         "retries": 0, "replays": 0}, s)
+                                         "retries": 0, "replays": 0, "store_errors": 0}, s)
         # 3 successes and 2 failures
         t0 = time.monotonic()
         for i in range(3):
