@@ -22,6 +22,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 
 #include "node.h"
 #include "raft.h"
@@ -40,6 +41,21 @@ static void sleep_ms(unsigned ms)
 {
   struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
   nanosleep(&ts, NULL);
+}
+
+/* A port the kernel just handed out (closed again: a small race, acceptable in a test). */
+static uint16_t free_port(void)
+{
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t sl = sizeof(sa);
+  uint16_t port = 0;
+  if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+      getsockname(fd, (struct sockaddr *)&sa, &sl) == 0)
+    port = ntohs(sa.sin_port);
+  if (fd >= 0)
+    close(fd);
+  return port;
 }
 
 static int setup(void **state)
@@ -379,14 +395,15 @@ static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **
   struct sockaddr_in *sa = (struct sockaddr_in *)&c.raft_listen;
   sa->sin_family = AF_INET;
   sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  sa->sin_port = htons((uint16_t)(20000 + getpid() % 20000));
+  sa->sin_port = htons(free_port());
   c.raft_listen_len = sizeof(*sa);
   for (int i = 0; i < 2; i++) {
     struct gw_node_peer *p = &c.peers[i];
     snprintf(p->name, sizeof(p->name), "m%d", i + 1);
     p->id = gw_node_id_from_name(p->name);
     memcpy(&p->raft, sa, sizeof(*sa));
-    ((struct sockaddr_in *)&p->raft)->sin_port = htons((uint16_t)(ntohs(sa->sin_port) + i));
+    if (i == 1)
+      ((struct sockaddr_in *)&p->raft)->sin_port = htons(free_port());
     p->raft_len = sizeof(*sa);
   }
   c.peer_count = 2; /* the second member never answers: no majority */
@@ -444,16 +461,196 @@ static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **
   assert_int_equal(system(cmd), 0);
 }
 
-static void forward_hook_carries_a_followers_command(void **state)
+/* ---- A three-node group: followers forward through the hook ---------------------------- */
+
+struct trio {
+  struct gw_node *n[3];
+  char api[3][32];
+  char dir[3][256];
+};
+
+/* One forwarded command: the bytes the command points into, the leader's request, the hook's
+ * completion. What the gateway's control plane would do on POST /internal/v1/fsm. */
+struct fwd_job {
+  struct gw_node_req nr;
+  uint8_t *bytes;
+  void (*done)(void *arg, int status, const char *body, size_t len);
+  void *arg;
+};
+
+static void fwd_job_done(struct gw_node_req *nr)
+{
+  struct fwd_job *j = (struct fwd_job *)nr;
+  if (nr->outcome == GW_NODE_OK)
+    j->done(j->arg, nr->status, nr->body ? nr->body : "", nr->body ? nr->body_len : 0);
+  else
+    j->done(j->arg, 503, "{}", 2);
+  free(nr->body);
+  free(j->bytes);
+  free(j);
+}
+
+static int fwd_send(void *ctx, const char *leader_api, const uint8_t *cmd, size_t len,
+                    void (*done)(void *arg, int status, const char *body, size_t len), void *arg)
+{
+  struct trio *t = ctx;
+  int k = -1;
+  for (int i = 0; i < 3; i++)
+    if (strcmp(t->api[i], leader_api) == 0)
+      k = i;
+  if (k < 0)
+    return -1;
+  struct fwd_job *j = calloc(1, sizeof(*j));
+  j->bytes = malloc(len);
+  memcpy(j->bytes, cmd, len);
+  if (gw_fsm_cmd_decode(j->bytes, len, &j->nr.cmd) != 0) {
+    free(j->bytes);
+    free(j);
+    return -1;
+  }
+  j->nr.op = GW_NODE_WRITE;
+  j->nr.done = fwd_job_done;
+  j->done = done;
+  j->arg = arg;
+  if (gw_node_submit(t->n[k], &j->nr) != 0) {
+    free(j->bytes);
+    free(j);
+    return -1;
+  }
+  return 0;
+}
+
+static bool trio_start(struct trio *t)
+{
+  memset(t, 0, sizeof(*t));
+  struct gw_node_config c;
+  memset(&c, 0, sizeof(c));
+  c.election_timeout_ms = 150;
+  c.heartbeat_ms = 30;
+  c.snapshot_every = 100000;
+  c.cluster_id = 11;
+  c.peer_count = 3;
+  for (int i = 0; i < 3; i++) {
+    struct gw_node_peer *p = &c.peers[i];
+    snprintf(p->name, sizeof(p->name), "t%d", i + 1);
+    p->id = gw_node_id_from_name(p->name);
+    struct sockaddr_in *sa = (struct sockaddr_in *)&p->raft;
+    sa->sin_family = AF_INET;
+    sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sa->sin_port = htons(free_port());
+    p->raft_len = sizeof(*sa);
+    snprintf(t->api[i], sizeof(t->api[i]), "127.0.0.1:%u", (unsigned)(60000 + i)); /* a name only */
+    snprintf(p->api, sizeof(p->api), "%s", t->api[i]);
+  }
+  for (int i = 0; i < 3; i++) {
+    snprintf(t->dir[i], sizeof(t->dir[i]), "%s/raftstore-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (!mkdtemp(t->dir[i]))
+      return false;
+    snprintf(c.name, sizeof(c.name), "t%d", i + 1);
+    snprintf(c.data_dir, sizeof(c.data_dir), "%s", t->dir[i]);
+    memcpy(&c.raft_listen, &c.peers[i].raft, sizeof(struct sockaddr_in));
+    c.raft_listen_len = sizeof(struct sockaddr_in);
+    char err[512];
+    if (gw_node_start(&c, &t->n[i], err, sizeof(err)) != 0) {
+      fprintf(stderr, "skipped: %s\n", err);
+      return false;
+    }
+  }
+  for (int w = 0; w < 1000; w++) {
+    struct gw_node_status st;
+    gw_node_status(t->n[0], &st);
+    if (st.leader[0] != '\0')
+      return true;
+    sleep_ms(10);
+  }
+  return false;
+}
+
+static void trio_stop(struct trio *t)
+{
+  for (int i = 0; i < 3; i++) {
+    if (t->n[i])
+      gw_node_stop(t->n[i]);
+    if (t->dir[i][0]) {
+      char cmd[300];
+      snprintf(cmd, sizeof(cmd), "rm -rf '%s'", t->dir[i]);
+      if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", t->dir[i]);
+    }
+  }
+}
+
+static void followers_forward_and_three_real_nodes_share_one_budget(void **state)
 {
   (void)state;
-  /* A single node is always the leader; the hook is checked for being left alone. */
-  void *a = open_store("e1");
-  struct gw_store_raft_forward fwd = {0};
-  gw_store_raft_set_forward(a, &fwd);
-  assert_int_equal(gw_store_raft_open(node, "", &(void *){NULL}), GW_POLICY_EINVALID_CONFIG);
+  static struct trio t;
+  if (!trio_start(&t)) {
+    trio_stop(&t);
+    skip();
+  }
+  void *st[3], *lim[3];
+  struct gw_store_raft_forward fwd = {fwd_send, &t};
+  for (int i = 0; i < 3; i++) {
+    char name[8];
+    snprintf(name, sizeof(name), "t%d", i + 1);
+    assert_int_equal(gw_store_raft_open(t.n[i], name, &st[i]), 0);
+    gw_store_raft_set_forward(st[i], &fwd);
+    lim[i] = make_limiter(st[i], "trio", GW_LIMITER_TOKEN_BUCKET, 200, 400);
+  }
+  uint64_t t0 = now_ns(), admitted = 0, per[3] = {0, 0, 0};
+  while (now_ns() - t0 < 1500000000ull) {
+    for (int i = 0; i < 3; i++) {
+      bool ok = gw_store_raft.limiter_admit(lim[i], "", 0, now_ns(), NULL, NULL);
+      admitted += ok;
+      per[i] += ok;
+    }
+    sleep_ms(1);
+  }
+  uint64_t el_ms = (now_ns() - t0) / 1000000 + 1;
+  uint64_t bound = 200 + 400 * el_ms / 1000;
+  uint64_t forwarded = 0;
+  for (int i = 0; i < 3; i++) {
+    struct gw_store_raft_stats s;
+    gw_store_raft_stats(st[i], &s);
+    forwarded += s.forwarded;
+  }
+  fprintf(stderr, "three nodes: %llu admitted (%llu/%llu/%llu), bound %llu, %llu forwarded\n",
+          (unsigned long long)admitted, (unsigned long long)per[0], (unsigned long long)per[1],
+          (unsigned long long)per[2], (unsigned long long)bound, (unsigned long long)forwarded);
+  assert_true(admitted <= bound);
+  assert_true(admitted >= bound / 2);
+  assert_true(forwarded > 0);
+  for (int i = 0; i < 3; i++)
+    assert_true(per[i] > 0); /* followers got allotments through the leader */
+  /* idempotency through a follower */
+  struct gw_idem_config icfg = {.max_records = 10, .max_bytes = 1 << 20, .ttl_ms = 60000};
+  void *ia, *ib;
+  assert_int_equal(gw_store_raft.idem_create(st[0], &icfg, &ia), 0);
+  assert_int_equal(gw_store_raft.idem_create(st[1], &icfg, &ib), 0);
+  struct waiter w;
+  begin(ia, "trio-key", 3, &w);
+  assert_int_equal(w.op.err, 0);
+  assert_int_equal(w.op.decision, GW_IDEM_EXECUTE);
+  begin(ib, "trio-key", 3, &w);
+  assert_int_equal(w.op.err, 0);
+  assert_int_equal(w.op.decision, GW_IDEM_IN_FLIGHT);
+  gw_store_raft.idem_destroy(ia);
+  gw_store_raft.idem_destroy(ib);
+  for (int i = 0; i < 3; i++) {
+    gw_store_raft.limiter_destroy(lim[i]);
+    gw_store_raft_close(st[i]);
+  }
+  trio_stop(&t);
+}
+
+static void argument_checks_and_error_names(void **state)
+{
+  (void)state;
+  void *p = NULL;
+  assert_int_equal(gw_store_raft_open(node, "", &p), GW_POLICY_EINVALID_CONFIG);
+  assert_int_equal(gw_store_raft_open(node, "bad\001name", &p), GW_POLICY_EINVALID_CONFIG);
   assert_string_equal(gw_store_raft_strerror(GW_STORE_RAFT_ENO_LEADER), "the raft group has no leader");
-  gw_store_raft_close(a);
+  assert_null(gw_store_raft_strerror(-1));
 }
 
 int main(void)
@@ -466,7 +663,8 @@ int main(void)
       cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
       cmocka_unit_test(idempotency_across_nodes),
       cmocka_unit_test(cut_off_node_admits_nothing_it_does_not_hold_and_never_waits),
-      cmocka_unit_test(forward_hook_carries_a_followers_command),
+      cmocka_unit_test(followers_forward_and_three_real_nodes_share_one_budget),
+      cmocka_unit_test(argument_checks_and_error_names),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
