@@ -521,6 +521,9 @@ static int raft_limiter_create(void *impl, const struct gw_limiter_spec *spec, v
   return 0;
 }
 
+static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **out, size_t *n_out,
+                              size_t cap, bool all);
+
 static void raft_limiter_destroy(void *p)
 {
   struct raft_limiter *l = p;
@@ -534,6 +537,15 @@ static void raft_limiter_destroy(void *p)
       break;
     }
   pthread_mutex_unlock(&st->mu);
+  /* Give back what the keys still hold (a lost release only leaves units to their lease). */
+  size_t cap = RING * NGRANTS, n = 0;
+  struct rq **give = malloc(cap * sizeof(*give));
+  if (give != NULL) {
+    limiter_housekeep(l, mono_ns(), give, &n, cap, true);
+    for (size_t i = 0; i < n; i++)
+      rq_submit(give[i]);
+    free(give);
+  }
   pthread_mutex_lock(&l->mu);
   l->dead = true;
   lim_unref_locked_and_unlock(l);
@@ -857,7 +869,7 @@ static void raft_limiter_peek(void *p, const void *key, size_t len, uint64_t now
 
 /* Housekeeping: give back what idle keys hold. */
 static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **out, size_t *n_out,
-                              size_t cap)
+                              size_t cap, bool all)
 {
   pthread_mutex_lock(&l->mu);
   uint32_t w = 0;
@@ -867,6 +879,8 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
     if (s == NULL)
       continue; /* evicted */
     prune(s, now);
+    if (all)
+      s->want_until = 0; /* the limiter is going away: give everything back */
     if (now < s->want_until) {
       /* A refused client will be back: renew the allotment before its lease runs out. */
       uint64_t soonest = UINT64_MAX;
@@ -886,7 +900,7 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
       w++;
       continue;
     }
-    bool idle = now - s->last_ns >= l->idle_ns && !s->refilling;
+    bool idle = all || (now - s->last_ns >= l->idle_ns && !s->refilling);
     if (s->n == 0 || (idle && *n_out + s->n <= cap)) {
       if (s->n > 0) {
         char id[GW_FSM_MAX_QUOTA_ID + 1];
@@ -943,7 +957,7 @@ static void *housekeeper(void *arg)
     pthread_mutex_unlock(&st->mu);
     for (size_t j = 0; j < k; j++) {
       size_t n = 0;
-      limiter_housekeep(all[j], now, batch, &n, sizeof(batch) / sizeof(batch[0]));
+      limiter_housekeep(all[j], now, batch, &n, sizeof(batch) / sizeof(batch[0]), false);
       for (size_t i = 0; i < n; i++) {
         if (batch[i]->kind == RQ_ACQUIRE)
           refill_submit(batch[i]->lim, batch[i]);
