@@ -57,7 +57,10 @@ void gw_store_raft_close(void *impl);
  * the leader at leader_api ("host:port" of its control plane) and later call done(arg, status,
  * body, body_len) exactly once from any thread: status and body are the leader's answer (the
  * state machine's result, or 503/507 with an error body), status 0 when it could not be
- * delivered. Returns 0, or non-zero when it could not start (done is then not called).
+ * delivered. cmd is valid only during the call: copy it. Returns 0, or non-zero when it could
+ * not start (done is then not called). The leader's endpoint decodes the command
+ * (gw_fsm_cmd_decode), accepts only the quota and IDEM_ kinds, submits it as a GW_NODE_WRITE
+ * (the leader stamps now_ms) and answers the result's status and body; it never forwards again.
  */
 struct gw_store_raft_forward {
   int (*send)(void *ctx, const char *leader_api, const uint8_t *cmd, size_t len,
