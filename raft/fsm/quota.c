@@ -356,6 +356,9 @@ static void put_quota_body(struct gw_fsm_result *res, const struct fsm_quota *q,
 {
     uint64_t next_ms, reset_ms;
     quota_times(q, t, &next_ms, &reset_ms);
+    if (q->n_grants >= GW_FSM_QUOTA_GRANTS_MAX && q->grants[0].deadline > t &&
+        q->grants[0].deadline - t > next_ms)
+        next_ms = q->grants[0].deadline - t; /* no grant before the first live one ends */
     fsm_out_str(res, ",");
     fsm_out_key(res, "remaining");
     fsm_out_u64(res, quota_remaining(q, t));
