@@ -422,6 +422,7 @@ struct raft_limiter {
   uint64_t lease_ms;
   uint64_t max_batch;
   uint64_t horizon_ms, idle_ns;
+  uint64_t rtt_ns; /* smoothed refill round trip (1/8 weight per answer) */
   uint64_t admitted, rejected, evictions;
   int refs; /* 1 for the owner + one per request in flight */
   bool dead;
@@ -605,8 +606,15 @@ static uint64_t batch_size(const struct raft_limiter *l, const struct lstate *s,
   if (now - s->born_ns + NS_PER_MS < span)
     span = now - s->born_ns + NS_PER_MS; /* a key seen for less than that */
   uint64_t n = s->rate_prev + s->rate_cur;
+  /* The batch must last a few round trips: a slow commit (a busy disk) stretches the horizon,
+   * up to half the lease. */
+  uint64_t horizon = l->horizon_ms * NS_PER_MS;
+  if (3 * l->rtt_ns > horizon)
+    horizon = 3 * l->rtt_ns;
+  if (horizon > l->lease_ms * NS_PER_MS / 2)
+    horizon = l->lease_ms * NS_PER_MS / 2;
   /* n attempts over span ns -> per horizon */
-  long double want = (long double)n * (long double)(l->horizon_ms * NS_PER_MS) / (long double)span;
+  long double want = (long double)n * (long double)horizon / (long double)span;
   uint64_t b = (uint64_t)want + 1;
   if (b > l->max_batch)
     b = l->max_batch;
@@ -807,6 +815,8 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
   } else {
     atomic_fetch_add(&st->refills, 1);
     atomic_fetch_add(&st->refill_units, granted);
+    uint64_t rtt = mono_ns() - q->send_ns;
+    l->rtt_ns = l->rtt_ns ? l->rtt_ns - l->rtt_ns / 8 + rtt / 8 : rtt;
     if (s != NULL) {
       s->refilling = 0;
       s->have_report = 1;
