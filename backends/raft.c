@@ -1,5 +1,5 @@
 /*
- * The raft store (see raft.h): cluster limiters by quota leasing and replicated idempotency
+ * The raft store (see raft_store.h): cluster limiters by quota leasing and replicated idempotency
  * records, on top of the node's request queue.
  *
  * Limiter, per key (a bounded LRU key table): up to four live grants (id, units left, local
@@ -15,7 +15,7 @@
  * Requests own copies of every string the command points to, and the limiter they belong to is
  * reference counted, so a limiter destroyed with refills in flight is freed by the last answer.
  */
-#include "raft.h"
+#include "raft_store.h"
 
 #include <pthread.h>
 #include <stdatomic.h>

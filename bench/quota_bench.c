@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "node.h"
-#include "raft.h"
+#include "raft_store.h"
 
 static uint64_t now_ns(void)
 {

@@ -1027,13 +1027,6 @@ static void cross_checks(struct ctx *c, struct gw_config *cfg)
       }
     bool cluster_scope = (r->token_bucket.enabled && r->token_bucket.scope == GW_SCOPE_CLUSTER) ||
                          (r->sliding_window.enabled && r->sliding_window.scope == GW_SCOPE_CLUSTER);
-    if (cluster_scope && cfg->backend == GW_BACKEND_RAFT) {
-      size_t old = push(c, "routes[%zu].policies", i);
-      fail(c, r->token_bucket.scope == GW_SCOPE_CLUSTER ? "token_bucket.scope"
-                                                        : "sliding_window.scope",
-           "\"cluster\" is enforced through backend.type \"redis\" in this version");
-      pop(c, old);
-    }
     if (cluster_scope && cfg->backend == GW_BACKEND_MEMORY) {
       size_t old = push(c, "routes[%zu].policies", i);
       fail(c, r->token_bucket.scope == GW_SCOPE_CLUSTER ? "token_bucket.scope"

@@ -504,6 +504,101 @@ not_allowed:
   return false;
 }
 
+/* ---- the cluster's own calls ---- */
+
+/*
+ * POST /internal/v1/fsm: a follower's shared-store command (quota leases, idempotency records)
+ * proposed on the leader. The body is the encoded command; only those kinds are accepted, the
+ * answer is the state machine's, and it is never forwarded again. Needs the admin token when
+ * one is configured.
+ */
+static bool internal_fsm(struct creq *q)
+{
+  struct gw_control *c = q->c;
+  if (strcmp(q->method, "POST") != 0) {
+    set_gw_error(q, GW_EMETHOD_NOT_ALLOWED);
+    snprintf(q->allow, sizeof(q->allow), "POST");
+    return true;
+  }
+  struct gw_config *cfg = gw_engine_config(c->eng);
+  bool ok = true;
+  if (cfg->admin_token[0]) {
+    const char *h = MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, "Authorization");
+    ok = h && strncasecmp(h, "Bearer ", 7) == 0 && strcmp(h + 7, cfg->admin_token) == 0;
+  }
+  gw_config_unref(cfg);
+  if (!ok) {
+    set_error(q, 401, "unauthorized", "this endpoint needs the admin token", NULL);
+    return true;
+  }
+  if (!c->node) {
+    set_error(q, 503, "no_leader", "this node runs no coordination group", NULL);
+    return true;
+  }
+  memset(&q->nr, 0, sizeof(q->nr));
+  q->forwarded_in = true;
+  if (q->too_large || gw_fsm_cmd_decode((const uint8_t *)q->body.p, q->body.len, &q->nr.cmd) != 0) {
+    set_error(q, 400, "invalid_command", "the body is not a state machine command", NULL);
+    return true;
+  }
+  uint8_t k = q->nr.cmd.kind;
+  if (!((k >= GW_FSM_QUOTA_FIRST && k <= GW_FSM_QUOTA_LAST) ||
+        (k >= GW_FSM_IDEM_FIRST && k <= GW_FSM_IDEM_LAST))) {
+    set_error(q, 403, "forbidden", "only shared-store commands are accepted here", NULL);
+    return true;
+  }
+  q->nr.op = GW_NODE_WRITE;
+  gw_control_submit(q);
+  return false;
+}
+
+struct fsm_forward {
+  struct gw_forward_job job;
+  void (*done)(void *arg, int status, const char *body, size_t len);
+  void *arg;
+  uint8_t cmd[];
+};
+
+static void on_fsm_forwarded(struct gw_forward_job *j)
+{
+  struct fsm_forward *f = (struct fsm_forward *)j;
+  f->done(f->arg, j->failed ? 0 : j->status, j->resp_body.p ? j->resp_body.p : "",
+          j->resp_body.len);
+  gw_buf_free(&j->resp_body);
+  free(f);
+}
+
+int gw_control_forward_fsm(void *ctx, const char *leader_api, const uint8_t *cmd, size_t len,
+                           void (*done)(void *arg, int status, const char *body, size_t len),
+                           void *arg)
+{
+  struct gw_control *c = ctx;
+  if (!c->fwd || !leader_api[0])
+    return -1;
+  struct fsm_forward *f = calloc(1, sizeof(*f) + len);
+  if (!f)
+    return -1;
+  memcpy(f->cmd, cmd, len);
+  f->done = done;
+  f->arg = arg;
+  struct gw_forward_job *j = &f->job;
+  snprintf(j->url, sizeof(j->url), "http://%s/internal/v1/fsm", leader_api);
+  j->method = "POST";
+  j->body = (const char *)f->cmd;
+  j->body_len = len;
+  j->content_type = "application/octet-stream";
+  j->forwarded_by = c->node_name;
+  j->authorization = c->internal_auth[0] ? c->internal_auth : NULL;
+  j->timeout_ms = 11000;
+  j->done = on_fsm_forwarded;
+  j->ctx = f;
+  if (gw_forwarder_submit(c->fwd, j) != 0) {
+    free(f);
+    return -1;
+  }
+  return 0;
+}
+
 /* ---- the handler ---- */
 
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
@@ -594,6 +689,11 @@ static enum MHD_Result route(struct creq *q, const char *url)
     gw_control_submit(q);
     return MHD_YES;
   }
+  if (strcmp(url, "/internal/v1/fsm") == 0) {
+    if (internal_fsm(q))
+      return send_answer(q);
+    return MHD_YES;
+  }
   if (strcmp(url, "/metrics") == 0 || strncmp(url, "/admin", 6) == 0) {
     char path[512];
     size_t pl = strcspn(q->uri, "?");
@@ -648,6 +748,12 @@ int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct
     return -1;
   c->replicated_routes = replicated_routes && node;
   pthread_mutex_init(&c->admin_mu, NULL);
+  {
+    struct gw_config *cfg = gw_engine_config(eng);
+    if (cfg->admin_token[0])
+      snprintf(c->internal_auth, sizeof(c->internal_auth), "Bearer %s", cfg->admin_token);
+    gw_config_unref(cfg);
+  }
   c->eng = eng;
   c->node = node;
   snprintf(c->node_name, sizeof(c->node_name), "%s", node_name ? node_name : "");

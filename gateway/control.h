@@ -8,6 +8,8 @@
 #define GW_CONTROL_H
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "config.h"
 #include "engine.h"
@@ -24,6 +26,14 @@ struct gw_node;
  */
 int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct gw_engine *eng,
                      struct gw_node *node, const char *node_name, bool replicated_routes);
+
+/*
+ * The raft backend's forward hook (backends/raft.h): send an encoded shared-store command to
+ * the leader's /internal/v1/fsm; done gets its status (0 when it could not be reached) and body.
+ */
+int gw_control_forward_fsm(void *ctx, const char *leader_api, const uint8_t *cmd, size_t len,
+                           void (*done)(void *arg, int status, const char *body, size_t len),
+                           void *arg);
 
 /* Stop forwarding to the leader (pending forwards are answered); the listener keeps serving. */
 void gw_control_stop_forwarding(struct gw_control *c);

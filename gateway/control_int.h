@@ -23,6 +23,7 @@ struct gw_control {
   char node_name[64];
   bool replicated_routes; /* backend raft: route changes go through the node */
   pthread_mutex_t admin_mu; /* serialises local route changes */
+  char internal_auth[300];  /* "Bearer <admin token>" for calls to other nodes, or "" */
 };
 
 enum cstate { C_BODY = 0, C_WAIT, C_DONE };

@@ -5,6 +5,7 @@
  * within shutdown_grace_ms and exit 0.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include "log.h"
 #include "node.h"
 #include "pipeline.h"
+#include "raft_store.h"
 #include "redis.h"
 
 static void usage(FILE *f)
@@ -207,10 +209,16 @@ static int fold_route(void *ctx, const char *name, size_t name_len, const char *
 }
 
 /* The replicated route table changed (node thread): rebuild this node's config from it. */
+static struct {
+  _Atomic(struct gw_engine *) eng;
+} route_target;
+
 static void on_routes(void *ctx, const struct gw_fsm *fsm)
 {
   static struct gw_config_errors errs;
-  struct gw_engine *eng = ctx;
+  struct gw_engine *eng = atomic_load(&((__typeof__(route_target) *)ctx)->eng);
+  if (!eng)
+    return; /* handed again by gw_node_resync_routes once the engine runs */
   struct route_fold f = {{NULL, 0, 0}, true};
   gw_buf_append(&f.json, "[", 1);
   gw_fsm_routes_foreach(fsm, fold_route, &f);
@@ -279,6 +287,36 @@ int main(int argc, char **argv)
     report(&errs, true);
     return 1;
   }
+  static char tmp_dir[256];
+  struct gw_node_config ncfg;
+  node_config(cfg, &ncfg, tmp_dir, sizeof(tmp_dir));
+  if (cfg->backend == GW_BACKEND_RAFT) {
+    /* Routes are replicated: the table starts from this file if the cluster has none yet. */
+    static const char *seed_names[GW_CONFIG_MAX_ROUTES], *seed_jsons[GW_CONFIG_MAX_ROUTES];
+    for (size_t i = 0; i < cfg->route_count; i++) {
+      seed_names[i] = strdup(cfg->routes[i].name);
+      seed_jsons[i] = strdup(cfg->routes[i].json);
+    }
+    ncfg.seed_names = seed_names;
+    ncfg.seed_jsons = seed_jsons;
+    ncfg.seed_count = cfg->route_count;
+    ncfg.on_routes = on_routes;
+    ncfg.routes_ctx = &route_target; /* its engine is set once the engine runs */
+  }
+  struct gw_node *node = NULL;
+  char nerr[1024];
+  if (gw_node_start(&ncfg, &node, nerr, sizeof(nerr)) != 0) {
+    gw_logf("error", "%s", nerr);
+    return 1;
+  }
+  void *raft_store = NULL;
+  if (cfg->backend == GW_BACKEND_RAFT) {
+    if (gw_store_raft_open(node, cfg->node_id, &raft_store) != 0) {
+      gw_logf("error", "backend raft: cannot open the shared store");
+      return 1;
+    }
+    gw_pipeline_set_shared_store(&gw_store_raft, raft_store);
+  }
   void *redis = NULL;
   if (cfg->backend == GW_BACKEND_REDIS) {
     char rerr[256];
@@ -308,32 +346,16 @@ int main(int argc, char **argv)
   struct gw_engine *eng = NULL;
   if (gw_engine_start(&eng, cfg) != 0)
     return 1;
-  static char tmp_dir[256];
-  struct gw_node_config ncfg;
-  node_config(cfg, &ncfg, tmp_dir, sizeof(tmp_dir));
-  if (cfg->backend == GW_BACKEND_RAFT) {
-    /* Routes are replicated: the table starts from this file if the cluster has none yet. */
-    static const char *seed_names[GW_CONFIG_MAX_ROUTES], *seed_jsons[GW_CONFIG_MAX_ROUTES];
-    for (size_t i = 0; i < cfg->route_count; i++) {
-      seed_names[i] = strdup(cfg->routes[i].name);
-      seed_jsons[i] = strdup(cfg->routes[i].json);
-    }
-    ncfg.seed_names = seed_names;
-    ncfg.seed_jsons = seed_jsons;
-    ncfg.seed_count = cfg->route_count;
-    ncfg.on_routes = on_routes;
-    ncfg.routes_ctx = eng;
-  }
-  struct gw_node *node = NULL;
-  char nerr[1024];
-  if (gw_node_start(&ncfg, &node, nerr, sizeof(nerr)) != 0) {
-    gw_logf("error", "%s", nerr);
-    return 1;
-  }
+  atomic_store(&route_target.eng, eng);
+  gw_node_resync_routes(node); /* the cluster's routes, now that there is an engine to take them */
   struct gw_control *ctl = NULL;
   if (gw_control_start(&ctl, &cfg->api_listen, eng, node, cfg->node_id,
                        cfg->backend == GW_BACKEND_RAFT) != 0)
     return 1;
+  if (raft_store) {
+    struct gw_store_raft_forward fwd = {gw_control_forward_fsm, ctl};
+    gw_store_raft_set_forward(raft_store, &fwd);
+  }
   gw_logf("info", "gateway %s node %s serving on %s (control %s), %zu routes", GW_VERSION,
           cfg->node_id, cfg->listen.text, cfg->api_listen.text, cfg->route_count);
   gw_config_unref(cfg); /* from here on the engine holds the current config */
@@ -361,6 +383,8 @@ int main(int argc, char **argv)
   gw_config_unref(cfg); /* the last routes' parts go: then the store behind them */
   if (redis)
     gw_store_redis_close(redis);
+  if (raft_store)
+    gw_store_raft_close(raft_store);
   gw_logf("info", "stopped");
   return 0;
 }

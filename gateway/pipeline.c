@@ -18,6 +18,7 @@
 #include "err.h"
 #include "hash.h"
 #include "log.h"
+#include "raft_store.h"
 #include "redis.h"
 
 #define STALE_SLOTS 256
@@ -323,6 +324,10 @@ static int make_shared_limiter(const struct gw_route *r, void **o, enum gw_limit
   } else {
     spec.sw = r->sliding_window.c;
     spec.max_keys = r->sliding_window.max_keys;
+  }
+  if (shared_ops == &gw_store_raft) {
+    struct gw_store_raft_scope scope = gw_store_raft_scope(shared_impl, r->name);
+    return shared_ops->limiter_create(&scope, &spec, o);
   }
   struct gw_store_redis_scope scope = gw_store_redis_scope(shared_impl, r->name);
   return shared_ops->limiter_create(&scope, &spec, o);
@@ -863,12 +868,20 @@ bool gw_pipeline_try_end(struct gw_preq *p, enum gw_try_result result, int statu
   return again;
 }
 
+static const char *store_strerror(int rc)
+{
+  if (rc <= -2100 && rc > -2200)
+    return gw_store_redis_strerror(rc);
+  if (rc <= -2200 && rc > -2300)
+    return gw_store_raft_strerror(rc);
+  return gw_policy_strerror(rc);
+}
+
 static void finish_log(const struct gw_route *r, int rc)
 {
   if (rc && rc != GW_POLICY_ESTALE)
     gw_logf("warn", "route %s: the idempotent response was not kept (%s): a retry will "
-                    "execute again", r->name,
-            rc <= -2100 && rc > -2200 ? gw_store_redis_strerror(rc) : gw_policy_strerror(rc));
+                    "execute again", r->name, store_strerror(rc));
 }
 
 void gw_pipeline_finish_done(struct gw_preq *p)

@@ -116,6 +116,7 @@ struct gw_node {
   uint64_t next_tick_ms;
   uint64_t tick_ms;
   uint64_t routes_version; /* last route table version handed to on_routes */
+  atomic_bool routes_resync;
   uint64_t snapshot_trailing;
   bool seeded;             /* seed routes proposed in this leadership */
 
@@ -943,8 +944,19 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
 }
 
 /* Tell the gateway when the replicated route table changed. */
+void gw_node_resync_routes(struct gw_node *n)
+{
+  atomic_store(&n->routes_resync, true);
+  uint64_t one = 1;
+  if (write(n->evfd, &one, sizeof(one)) < 0) {
+    /* picked up at the next tick */
+  }
+}
+
 static void check_routes(struct gw_node *n)
 {
+  if (atomic_exchange(&n->routes_resync, false))
+    n->routes_version = UINT64_MAX;
   uint64_t v = gw_fsm_routes_version(n->fsm);
   if (v != n->routes_version && n->cfg.on_routes) {
     n->routes_version = v;
@@ -1356,6 +1368,7 @@ static void *node_main(void *arg)
     if (n->tp)
       gw_transport_run(n->tp, mono_ms()); /* send what the updates queued */
     reconcile_transport(n);
+    check_routes(n);
     publish_status(n);
   }
   /* Answer everything still waiting. */

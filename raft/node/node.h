@@ -139,6 +139,10 @@ struct gw_node;
 int gw_node_start(const struct gw_node_config *cfg, struct gw_node **out, char *errbuf,
                   size_t errlen);
 
+/* Hand the route table to on_routes again at the next turn (thread-safe): for a caller that
+ * could not take it when the node started. */
+void gw_node_resync_routes(struct gw_node *n);
+
 /* Stops the thread: pending requests are answered GW_NODE_STOPPING. Frees everything. */
 void gw_node_stop(struct gw_node *n);
 

@@ -25,7 +25,7 @@
 #include <sys/socket.h>
 
 #include "node.h"
-#include "raft.h"
+#include "raft_store.h"
 
 static struct gw_node *node;
 static char dir[256];

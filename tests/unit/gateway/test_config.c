@@ -56,7 +56,7 @@ static void full_example_of_the_contract_loads(void **state)
       "{\"node\":{\"id\":\"n1\",\"listen\":\"127.0.0.1:8080\",\"api_listen\":\"127.0.0.1:9090\","
       "\"data_dir\":\"var/n1\",\"shutdown_grace_ms\":10000,\"max_body_bytes\":1048576,"
       "\"max_connections\":20000},\"admin\":{\"token\":\"t\"},"
-      "\"backend\":{\"type\":\"redis\",\"redis\":{\"url\":\"redis://127.0.0.1:6379/0\",\"timeout_ms\":200}},"
+      "\"backend\":{\"type\":\"raft\",\"redis\":{\"url\":\"redis://127.0.0.1:6379/0\",\"timeout_ms\":200}},"
       "\"cluster\":{\"raft_listen\":\"127.0.0.1:7001\",\"peers\":[{\"id\":\"n1\",\"raft\":\"127.0.0.1:7001\","
       "\"api\":\"127.0.0.1:9091\"}],\"election_timeout_ms\":1000,\"heartbeat_ms\":100,\"snapshot_every\":10000},"
       "\"routes\":[{\"name\":\"orders\",\"match\":{\"path_prefix\":\"/api/orders\",\"methods\":[\"GET\",\"POST\"],"
