@@ -629,6 +629,16 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   free(q);
 }
 
+/* With replicated routes, ready once the cluster's route table (seeded from the first leader's
+ * file) has been applied here: before that this node would answer from its own file. */
+static bool routes_in_sync(struct gw_control *c)
+{
+  struct gw_config *cfg = gw_engine_config(c->eng);
+  bool ok = cfg->routes_version >= c->seed_routes; /* every seeded route is one version */
+  gw_config_unref(cfg);
+  return ok;
+}
+
 static enum MHD_Result route(struct creq *q, const char *url)
 {
   struct gw_control *c = q->c;
@@ -654,6 +664,9 @@ static enum MHD_Result route(struct creq *q, const char *url)
       set_gw_error(q, GW_ESHUTTING_DOWN);
     else if (c->node && st.leader_id == 0)
       set_error(q, 503, "no_leader", "no Raft leader is known yet", NULL);
+    else if (c->replicated_routes && !routes_in_sync(c))
+      set_error(q, 503, "not_ready", "the cluster's route table has not reached this node yet",
+                NULL);
     else {
       q->status = 200;
       gw_buf_set(&q->out, "{\"status\":\"ready\"}", 18);
@@ -750,6 +763,7 @@ int gw_control_start(struct gw_control **out, const struct gw_addr *addr, struct
   pthread_mutex_init(&c->admin_mu, NULL);
   {
     struct gw_config *cfg = gw_engine_config(eng);
+    c->seed_routes = cfg->routes_version ? 0 : cfg->route_count;
     if (cfg->admin_token[0])
       snprintf(c->internal_auth, sizeof(c->internal_auth), "Bearer %s", cfg->admin_token);
     gw_config_unref(cfg);

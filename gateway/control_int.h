@@ -24,6 +24,7 @@ struct gw_control {
   bool replicated_routes; /* backend raft: route changes go through the node */
   pthread_mutex_t admin_mu; /* serialises local route changes */
   char internal_auth[300];  /* "Bearer <admin token>" for calls to other nodes, or "" */
+  uint64_t seed_routes;     /* routes of the file the cluster's table starts from */
 };
 
 enum cstate { C_BODY = 0, C_WAIT, C_DONE };

@@ -355,6 +355,10 @@ CLUSTER_BACKENDS = [
     Backend("redis", "redis", "cluster", needs_redis=True,
             redis_timeout_ms=SUITE_REDIS_TIMEOUT_MS, cluster_limits=True,
             cluster_idempotency=True),
+    # Raft's cluster limits lease quota (refused until a node holds an allotment, and at least
+    # 95% utilised rather than exact), so its limit tests are not these exact ones yet.
+    Backend("raft", "raft", "cluster", needs_leader=True, cluster_limits=False,
+            cluster_idempotency=True),
 ]
 
 
