@@ -1474,7 +1474,11 @@ int gw_engine_start(struct gw_engine **out, struct gw_config *cfg)
     e->nworkers = MAX_WORKERS;
   e->workers = calloc(e->nworkers, sizeof(*e->workers));
   if (!e->workers)
-    return -1;
+    goto fail;
+  for (size_t i = 0; i < e->nworkers; i++) {
+    e->workers[i].epfd = e->workers[i].evfd = e->workers[i].listen_fd = -1;
+    e->workers[i].eng = e;
+  }
   /* SO_REUSEPORT would let this process share a port another server holds: bind once without
    * it first, so "address in use" means what it says. */
   int probe = socket(cfg->listen.ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1484,7 +1488,7 @@ int gw_engine_start(struct gw_engine **out, struct gw_config *cfg)
   if (probe >= 0 && bind(probe, (const struct sockaddr *)&cfg->listen.ss, cfg->listen.len) != 0) {
     gw_logf("error", "cannot listen on %s: %s", cfg->listen.text, strerror(errno));
     close(probe);
-    return -1;
+    goto fail;
   }
   if (probe >= 0)
     close(probe);
@@ -1492,26 +1496,37 @@ int gw_engine_start(struct gw_engine **out, struct gw_config *cfg)
     struct worker *w = &e->workers[i];
     w->eng = e;
     w->idx = (int)i;
-    w->epfd = w->evfd = -1;
     w->listen_fd = listen_socket(&cfg->listen);
     if (w->listen_fd < 0) {
       gw_logf("error", "cannot listen on %s: %s", cfg->listen.text, strerror(errno));
-      return -1;
+      goto fail;
     }
     w->cfg = gw_config_ref(cfg);
     w->cfg_gen = 1;
     if (worker_init(w, cfg) != 0) {
       gw_logf("error", "cannot start worker %zu: %s", i, strerror(errno));
-      return -1;
+      goto fail;
     }
   }
   for (size_t i = 0; i < e->nworkers; i++)
     if (pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]) != 0) {
       gw_logf("error", "cannot start worker thread: %s", strerror(errno));
-      return -1;
+      /* the threads already running stop at once: there is nothing in flight */
+      e->drain_deadline_ms = 1;
+      atomic_store(&e->draining, true);
+      for (size_t j = 0; j < i; j++)
+        pthread_join(e->workers[j].thread, NULL);
+      goto fail;
     }
   *out = e;
   return 0;
+fail:
+  if (e->workers)
+    for (size_t i = 0; i < e->nworkers; i++)
+      if (!e->workers[i].mhd && e->workers[i].listen_fd >= 0)
+        close(e->workers[i].listen_fd); /* not yet handed to libmicrohttpd */
+  gw_engine_free(e);
+  return -1;
 }
 
 void gw_engine_set_config(struct gw_engine *e, struct gw_config *cfg)
@@ -1567,7 +1582,7 @@ void gw_engine_drain(struct gw_engine *e, uint64_t grace_ms)
 
 void gw_engine_free(struct gw_engine *e)
 {
-  for (size_t i = 0; i < e->nworkers; i++) {
+  for (size_t i = 0; e->workers && i < e->nworkers; i++) {
     struct worker *w = &e->workers[i];
     if (w->mhd)
       MHD_stop_daemon(w->mhd);

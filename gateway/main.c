@@ -344,8 +344,18 @@ int main(int argc, char **argv)
   raise_fd_limit();
 
   struct gw_engine *eng = NULL;
-  if (gw_engine_start(&eng, cfg) != 0)
+  if (gw_engine_start(&eng, cfg) != 0) {
+    /* Nothing is serving yet: take down what was started, so the exit is clean. */
+    gw_node_stop(node);
+    if (tmp_dir[0])
+      remove_tree(tmp_dir);
+    gw_config_unref(cfg);
+    if (redis)
+      gw_store_redis_close(redis);
+    if (raft_store)
+      gw_store_raft_close(raft_store);
     return 1;
+  }
   atomic_store(&route_target.eng, eng);
   gw_node_resync_routes(node); /* the cluster's routes, now that there is an engine to take them */
   struct gw_control *ctl = NULL;

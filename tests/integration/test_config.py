@@ -219,13 +219,6 @@ class ConfigTest(harness.Case):
         for marker in harness.SANITIZER_MARKERS:
             self.assertNotIn(marker, text)
 
-    if harness.SANITIZED:
-        # known gap: when binding fails, the worker state gw_engine_start allocated and the
-        # config and route pipeline it references are never freed; LeakSanitizer reports them
-        # and aborts (SIGABRT) instead of the exit status 1.
-        test_listen_address_in_use_exits_cleanly = unittest.expectedFailure(
-            test_listen_address_in_use_exits_cleanly)
-
     def test_bad_command_line(self):
         code, out, err = run(["--no-such-flag"])
         self.assertNotEqual(code, 0)
