@@ -92,6 +92,10 @@ struct raft_store {
   uint64_t inflight;
   bool stop;
   pthread_t hk;
+  /* Limiters and idempotency stores alive on this store: the store is freed when it is closed
+   * and the last of them goes (they may outlive the node: after close nothing is submitted). */
+  _Atomic int users;
+  _Atomic bool closed;
   _Atomic uint64_t refills, refill_units, refill_failures, releases, release_units, forwarded,
       claims, replays;
 };
@@ -273,9 +277,11 @@ static struct rq *rq_new(struct raft_store *st, enum rq_kind kind)
 }
 
 /* Submits q; on a full queue frees it and returns GW_STORE_RAFT_EBUSY. */
+static void store_release(struct raft_store *st);
+
 static int rq_submit(struct rq *q)
 {
-  if (gw_node_submit(q->st->node, &q->nr) != 0) {
+  if (atomic_load(&q->st->closed) || gw_node_submit(q->st->node, &q->nr) != 0) {
     rq_free(q);
     return GW_STORE_RAFT_EBUSY;
   }
@@ -518,6 +524,7 @@ static int raft_limiter_create(void *impl, const struct gw_limiter_spec *spec, v
   l->next = st->limiters;
   st->limiters = l;
   pthread_mutex_unlock(&st->mu);
+  atomic_fetch_add(&st->users, 1);
   *out = l;
   return 0;
 }
@@ -550,6 +557,7 @@ static void raft_limiter_destroy(void *p)
   pthread_mutex_lock(&l->mu);
   l->dead = true;
   lim_unref_locked_and_unlock(l);
+  store_release(st);
 }
 
 /* The limiter id of key: prefix + the key when short and printable, else a fixed-key digest
@@ -1015,6 +1023,7 @@ static int raft_idem_create(void *impl, const struct gw_idem_config *cfg, void *
   m->st = st;
   m->cfg = *cfg;
   pthread_mutex_init(&m->mu, NULL);
+  atomic_fetch_add(&st->users, 1);
   *out = m;
   return 0;
 }
@@ -1029,8 +1038,10 @@ static void raft_idem_destroy(void *p)
       next = c->next;
       free(c);
     }
+  struct raft_store *st = m->st;
   pthread_mutex_destroy(&m->mu);
   free(m);
+  store_release(st);
 }
 
 static int raft_idem_begin_async(void *p, const char *route, size_t route_len, const char *key,
@@ -1300,6 +1311,22 @@ int gw_store_raft_open(struct gw_node *node, const char *node_name, void **impl)
   return 0;
 }
 
+static void store_free(struct raft_store *st)
+{
+  pthread_cond_destroy(&st->icv);
+  pthread_mutex_destroy(&st->imu);
+  pthread_cond_destroy(&st->cv);
+  pthread_mutex_destroy(&st->mu);
+  free(st);
+}
+
+/* A limiter or idempotency store on st went away. */
+static void store_release(struct raft_store *st)
+{
+  if (atomic_fetch_sub(&st->users, 1) == 1 && atomic_load(&st->closed))
+    store_free(st);
+}
+
 void gw_store_raft_close(void *impl)
 {
   struct raft_store *st = impl;
@@ -1314,11 +1341,9 @@ void gw_store_raft_close(void *impl)
   while (st->inflight > 0)
     pthread_cond_wait(&st->icv, &st->imu);
   pthread_mutex_unlock(&st->imu);
-  pthread_cond_destroy(&st->icv);
-  pthread_mutex_destroy(&st->imu);
-  pthread_cond_destroy(&st->cv);
-  pthread_mutex_destroy(&st->mu);
-  free(st);
+  atomic_store(&st->closed, true); /* from here on nothing reaches the node */
+  if (atomic_load(&st->users) == 0)
+    store_free(st);
 }
 
 const struct gw_store_ops gw_store_raft = {

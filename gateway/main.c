@@ -288,6 +288,10 @@ int main(int argc, char **argv)
     return 1;
   }
   static char tmp_dir[256];
+  struct gw_node *node = NULL;
+  void *raft_store = NULL, *redis = NULL;
+  struct gw_engine *eng = NULL;
+  struct gw_control *ctl = NULL;
   struct gw_node_config ncfg;
   node_config(cfg, &ncfg, tmp_dir, sizeof(tmp_dir));
   if (cfg->backend == GW_BACKEND_RAFT) {
@@ -303,26 +307,25 @@ int main(int argc, char **argv)
     ncfg.on_routes = on_routes;
     ncfg.routes_ctx = &route_target; /* its engine is set once the engine runs */
   }
-  struct gw_node *node = NULL;
   char nerr[1024];
   if (gw_node_start(&ncfg, &node, nerr, sizeof(nerr)) != 0) {
     gw_logf("error", "%s", nerr);
-    return 1;
+    node = NULL;
+    goto fail;
   }
-  void *raft_store = NULL;
   if (cfg->backend == GW_BACKEND_RAFT) {
     if (gw_store_raft_open(node, cfg->node_id, &raft_store) != 0) {
       gw_logf("error", "backend raft: cannot open the shared store");
-      return 1;
+      goto fail;
     }
     gw_pipeline_set_shared_store(&gw_store_raft, raft_store);
   }
-  void *redis = NULL;
   if (cfg->backend == GW_BACKEND_REDIS) {
     char rerr[256];
     if (gw_store_redis_open(cfg->redis_url, cfg->redis_timeout_ms, &redis, rerr, sizeof(rerr))) {
       gw_logf("error", "backend redis: %s", rerr);
-      return 1;
+      redis = NULL;
+      goto fail;
     }
     if (!gw_store_redis_connected(redis))
       gw_logf("warn", "backend redis: %s is not reachable yet; limits fail open and idempotent "
@@ -331,7 +334,7 @@ int main(int argc, char **argv)
     gw_pipeline_set_shared_store(&gw_store_redis, redis);
   }
   if (gw_pipeline_attach(cfg, NULL) != 0)
-    return 1;
+    goto fail;
 
   /* Signals go to this thread only: block them before any other thread starts. */
   sigset_t set;
@@ -343,25 +346,17 @@ int main(int argc, char **argv)
   signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();
 
-  struct gw_engine *eng = NULL;
   if (gw_engine_start(&eng, cfg) != 0) {
-    /* Nothing is serving yet: take down what was started, so the exit is clean. */
-    gw_node_stop(node);
-    if (tmp_dir[0])
-      remove_tree(tmp_dir);
-    gw_config_unref(cfg);
-    if (redis)
-      gw_store_redis_close(redis);
-    if (raft_store)
-      gw_store_raft_close(raft_store);
-    return 1;
+    eng = NULL;
+    goto fail;
   }
   atomic_store(&route_target.eng, eng);
   gw_node_resync_routes(node); /* the cluster's routes, now that there is an engine to take them */
-  struct gw_control *ctl = NULL;
   if (gw_control_start(&ctl, &cfg->api_listen, eng, node, cfg->node_id,
-                       cfg->backend == GW_BACKEND_RAFT) != 0)
-    return 1;
+                       cfg->backend == GW_BACKEND_RAFT) != 0) {
+    ctl = NULL;
+    goto fail;
+  }
   if (raft_store) {
     struct gw_store_raft_forward fwd = {gw_control_forward_fsm, ctl};
     gw_store_raft_set_forward(raft_store, &fwd);
@@ -384,6 +379,10 @@ int main(int argc, char **argv)
   gw_logf("info", "%s: draining (at most %llu ms)", sig == SIGINT ? "SIGINT" : "SIGTERM",
           (unsigned long long)cfg->shutdown_grace_ms);
   gw_engine_drain(eng, cfg->shutdown_grace_ms);
+  if (raft_store) {
+    gw_store_raft_close(raft_store); /* its last operations go through the node, still up */
+    raft_store = NULL;
+  }
   gw_control_stop_forwarding(ctl);
   gw_node_stop(node);
   gw_control_stop(ctl);
@@ -393,8 +392,28 @@ int main(int argc, char **argv)
   gw_config_unref(cfg); /* the last routes' parts go: then the store behind them */
   if (redis)
     gw_store_redis_close(redis);
-  if (raft_store)
-    gw_store_raft_close(raft_store);
   gw_logf("info", "stopped");
   return 0;
+
+fail:
+  /* Startup failed: take down what was started, in the order of a normal stop, so the exit is
+   * clean (exit status 1). */
+  if (eng)
+    gw_engine_drain(eng, 0);
+  if (raft_store)
+    gw_store_raft_close(raft_store);
+  if (ctl)
+    gw_control_stop_forwarding(ctl);
+  if (node)
+    gw_node_stop(node);
+  if (ctl)
+    gw_control_stop(ctl);
+  if (eng)
+    gw_engine_free(eng);
+  if (tmp_dir[0])
+    remove_tree(tmp_dir);
+  gw_config_unref(cfg);
+  if (redis)
+    gw_store_redis_close(redis);
+  return 1;
 }
