@@ -24,9 +24,9 @@
  * alone ("recv" count) is also reported; it can exceed the limit by the spread of proxy times.
  *
  * With --stats HOST:PORT the program also reads the upstream's own count of received requests
- * (gw-upstream's GET /__control/stats, field "received") at every window boundary and once after
- * the last answer, so the admitted count per window is seen from the upstream's side too (the
- * sum over the targets when there are several).
+ * (gw-upstream's GET /__control/stats, field "received") before the first request, at every
+ * window boundary and once after the last answer, so the admitted count per window is seen from
+ * the upstream's side too (the sum over the targets when there are several).
  *
  * Output: human lines, then for each target the machine lines
  *   RESULT label=... kind=sw|tb ... admitted=... strict_max=... over=... util=... p50_2xx_us=...
@@ -1005,6 +1005,14 @@ int main(int argc, char **argv)
     if (!all_connected()) {
         fprintf(stderr, "gw-bench-limits: not every connection could be opened\n");
         return 2;
+    }
+    /* The upstream's count before the first request (a poll sent with the first burst would be
+     * answered after some of it). */
+    if (O.have_stats) {
+        L.stats_busy = true;
+        L.npolls_due = 1;
+        send_req(&L.stats, mono_ns());
+        loop_until(mono_ns() + 2000000000ULL, false, stats_idle);
     }
     double cpu0 = cpu_seconds();
     L.t0 = mono_ns();
