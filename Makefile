@@ -57,6 +57,7 @@ test-sanitize: test-deps build-sanitize
 bench: bench-deps build
 	bench/run.sh $(BUILD)
 	bench/cluster.sh $(BUILD)
+	bench/limits.sh $(BUILD)
 
 # A 3-node cluster on loopback (etc/cluster/), until Ctrl-C.
 cluster: build
