@@ -509,6 +509,20 @@ static bool parse_key(struct ctx *c, const cJSON *obj, struct gw_limit_key *out)
 static const char *const scope_names[] = {"local", "cluster", NULL};
 static const char *const store_error_names[] = {"allow", "deny", NULL};
 
+/* The fields both limiters have: key, scope, max_keys, on_store_error. */
+static void parse_limiter_common(struct ctx *c, const cJSON *o, struct gw_limit_key *key,
+                                 enum gw_scope *scope, uint32_t *max_keys, bool *deny_on_error)
+{
+  int sc = 0, deny = 0;
+  *max_keys = 100000;
+  parse_key(c, o, key);
+  get_enum(c, o, "scope", scope_names, &sc);
+  get_u32(c, o, "max_keys", 1, 10000000, false, max_keys);
+  get_enum(c, o, "on_store_error", store_error_names, &deny);
+  *scope = (enum gw_scope)sc;
+  *deny_on_error = deny == 1;
+}
+
 static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_route *route)
 {
   struct gw_token_bucket_conf *tb = &route->token_bucket;
@@ -517,17 +531,9 @@ static void parse_token_bucket(struct ctx *c, const cJSON *o, struct gw_route *r
   if (!check_object(c, o, NULL, keys))
     return;
   tb->enabled = true;
-  tb->max_keys = 100000;
-  int scope = 0;
   get_int(c, o, "capacity", 1, GW_TOKEN_BUCKET_CAPACITY_MAX, true, &tb->c.capacity);
   get_int(c, o, "refill_per_sec", 1, GW_TOKEN_BUCKET_REFILL_MAX, true, &tb->c.refill_per_sec);
-  parse_key(c, o, &tb->key);
-  get_enum(c, o, "scope", scope_names, &scope);
-  get_u32(c, o, "max_keys", 1, 10000000, false, &tb->max_keys);
-  tb->scope = (enum gw_scope)scope;
-  int deny = 0;
-  get_enum(c, o, "on_store_error", store_error_names, &deny);
-  tb->deny_on_store_error = deny == 1;
+  parse_limiter_common(c, o, &tb->key, &tb->scope, &tb->max_keys, &tb->deny_on_store_error);
 }
 
 static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_route *route)
@@ -538,20 +544,12 @@ static void parse_sliding_window(struct ctx *c, const cJSON *o, struct gw_route 
   if (!check_object(c, o, NULL, keys))
     return;
   sw->enabled = true;
-  sw->max_keys = 100000;
-  int scope = 0;
   get_int(c, o, "limit", 1, 10000000, true, &sw->c.limit);
   get_int(c, o, "window_ms", 1, GW_SLIDING_WINDOW_MS_MAX, true, &sw->c.window_ms);
   /* Admission times rounded up to 1 ms (never early, so never over the limit); a window
    * shorter than 1 ms keeps every nanosecond. */
   sw->c.granularity_ns = sw->c.window_ms > 1 ? GW_NS_PER_MS : 1;
-  parse_key(c, o, &sw->key);
-  get_enum(c, o, "scope", scope_names, &scope);
-  get_u32(c, o, "max_keys", 1, 10000000, false, &sw->max_keys);
-  sw->scope = (enum gw_scope)scope;
-  int deny = 0;
-  get_enum(c, o, "on_store_error", store_error_names, &deny);
-  sw->deny_on_store_error = deny == 1;
+  parse_limiter_common(c, o, &sw->key, &sw->scope, &sw->max_keys, &sw->deny_on_store_error);
 }
 
 static void parse_breaker(struct ctx *c, const cJSON *o, struct gw_route *route)
