@@ -144,10 +144,12 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
            gw_degrade_reason_name((enum gw_degrade_reason)r), by_reason[r]);
   }
 
+  /* One snapshot per breaker feeds both families; the second is built aside and appended. */
+  struct gw_buf transitions = {NULL, 0, 0};
   family(b, "gateway_breaker_state", "gauge",
          "Circuit breaker state by route: 0 closed, 1 open, 2 half-open.");
-  struct gw_breaker_snapshot snaps[64];
-  size_t nsnap = 0;
+  family(&transitions, "gateway_breaker_transitions_total", "counter",
+         "Circuit breaker state changes by route and new state.");
   for (size_t i = 0; i < cfg->route_count; i++) {
     struct gw_route_rt *rt = cfg->routes[i].rt;
     if (!rt || !rt->breaker)
@@ -157,24 +159,14 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
     gw_breaker_snapshot(rt->breaker->obj, now, &s);
     pthread_mutex_unlock(&rt->breaker->mu);
     outf(b, "gateway_breaker_state{route=\"%s\"} %d\n", rt->name, (int)s.state);
-    if (nsnap < 64)
-      snaps[nsnap++] = s;
+    const char *to[3] = {"open", "half_open", "closed"};
+    uint64_t n[3] = {s.to_open, s.to_half_open, s.to_closed};
+    for (int k = 0; k < 3; k++)
+      outf(&transitions, "gateway_breaker_transitions_total{route=\"%s\",to=\"%s\"} %" PRIu64 "\n",
+           rt->name, to[k], n[k]);
   }
-  family(b, "gateway_breaker_transitions_total", "counter",
-         "Circuit breaker state changes by route and new state.");
-  nsnap = 0;
-  for (size_t i = 0; i < cfg->route_count; i++) {
-    struct gw_route_rt *rt = cfg->routes[i].rt;
-    if (!rt || !rt->breaker || nsnap >= 64)
-      continue;
-    const struct gw_breaker_snapshot *s = &snaps[nsnap++];
-    outf(b, "gateway_breaker_transitions_total{route=\"%s\",to=\"open\"} %" PRIu64 "\n", rt->name,
-         s->to_open);
-    outf(b, "gateway_breaker_transitions_total{route=\"%s\",to=\"half_open\"} %" PRIu64 "\n",
-         rt->name, s->to_half_open);
-    outf(b, "gateway_breaker_transitions_total{route=\"%s\",to=\"closed\"} %" PRIu64 "\n",
-         rt->name, s->to_closed);
-  }
+  gw_buf_append(b, transitions.p ? transitions.p : "", transitions.len);
+  gw_buf_free(&transitions);
 
   family(b, "gateway_connections", "gauge", "Client connections open on the data plane.");
   outf(b, "gateway_connections %d\n", es.connections);

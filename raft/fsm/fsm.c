@@ -793,8 +793,8 @@ static void lock_free(struct gw_fsm *f, struct fsm_lock *lk)
     free(lk);
 }
 
-/* The body of a granted lock (200), into the current body. */
-static void put_granted(struct gw_fsm_result *res, const struct fsm_lock *lk)
+/* {"name","owner","token","lease_id", of a held lock: the start of both lock bodies. */
+static void put_lock_head(struct gw_fsm_result *res, const struct fsm_lock *lk)
 {
     put(res, "{", 1);
     put_key(res, "name");
@@ -809,6 +809,12 @@ static void put_granted(struct gw_fsm_result *res, const struct fsm_lock *lk)
     put_key(res, "lease_id");
     put_id(res, lk->lease->id);
     put(res, ",", 1);
+}
+
+/* The body of a granted lock (200), into the current body. */
+static void put_granted(struct gw_fsm_result *res, const struct fsm_lock *lk)
+{
+    put_lock_head(res, lk);
     put_key(res, "ttl_ms");
     put_u64(res, lk->lease->ttl_ms);
     put(res, "}", 1);
@@ -1660,19 +1666,7 @@ int gw_fsm_get_lock(const struct gw_fsm *f, const char *name, size_t len, struct
         return read_done(res);
     }
     main_begin(res, 200, C_NONE);
-    put(res, "{", 1);
-    put_key(res, "name");
-    put_jstr(res, lk->name, lk->name_len);
-    put(res, ",", 1);
-    put_key(res, "owner");
-    put_jstr(res, lk->owner, lk->owner_len);
-    put(res, ",", 1);
-    put_key(res, "token");
-    put_u64(res, lk->token);
-    put(res, ",", 1);
-    put_key(res, "lease_id");
-    put_id(res, lk->lease->id);
-    put(res, ",", 1);
+    put_lock_head(res, lk);
     put_key(res, "waiters");
     put_u64(res, lk->n_waiters);
     put(res, "}", 1);
