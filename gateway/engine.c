@@ -107,7 +107,6 @@ struct worker {
   struct MHD_Daemon *mhd;
   CURLM *multi;
   int64_t curl_deadline_ms; /* -1: none */
-  bool curl_timer_due;
   struct gw_config *cfg;
   unsigned cfg_gen;
   struct req *free_reqs;

@@ -366,7 +366,6 @@ static int rt_create(const struct gw_route *r, const struct gw_route_rt *prev,
     return GW_ENOMEM;
   atomic_init(&rt->refs, 1);
   pthread_mutex_init(&rt->mu, NULL);
-  rt->store = &gw_store_memory;
   rt->name = strdup(r->name);
   rt->policies_json = strdup(r->policies_json);
   gw_retry_budget_init(&rt->budget);

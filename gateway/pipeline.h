@@ -54,7 +54,6 @@ struct gw_route_rt {
   atomic_int refs;
   char *name;          /* owned */
   char *policies_json; /* owned: the policies as written, to tell whether a reload changed them */
-  const struct gw_store_ops *store;
   /* Stateful parts shared with the next live state of the route when their own policy is
    * unchanged by a reload or an admin change (NULL when the policy is off). */
   struct gw_part *token_bucket;   /* a store limiter (locks inside the store) */
