@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,8 @@ struct gw_node {
   pthread_t thread;
   atomic_bool stop;
   int epfd, evfd;
+
+  bool ctr_dirty; /* ctr moved since it was last published */
 
   pthread_mutex_t qmu; /* guards the submission queue */
   struct gw_node_req *q_head, *q_tail;
@@ -282,9 +285,24 @@ static void serve_ready_reads(struct gw_node *n);
 
 /* ---- answering ---- */
 
+/* The counters, histograms and applied index as they are now, so that a client that got its
+ * answer and then reads /metrics sees its own write counted (the full status is published once
+ * per turn of the loop, after the answers). */
+static void publish_counters(struct gw_node *n)
+{
+  const size_t from = offsetof(struct gw_node_status, proposals);
+  pthread_mutex_lock(&n->smu);
+  memcpy((char *)&n->st + from, (const char *)&n->ctr + from, sizeof(n->st) - from);
+  n->st.applied_index = n->applied;
+  pthread_mutex_unlock(&n->smu);
+  n->ctr_dirty = false;
+}
+
 static void answer(struct gw_node *n, struct gw_node_req *r, enum gw_node_outcome outcome,
                    int status, const char *body, size_t len)
 {
+  if (n->ctr_dirty)
+    publish_counters(n);
   r->outcome = outcome;
   r->status = status;
   r->applied_index = n->applied;
@@ -928,6 +946,7 @@ static void apply_entry(struct gw_node *n, const struct raft_entry *e)
     observe(n->ctr.commit_bucket, us);
     n->ctr.commit_us_total += us;
     n->ctr.commit_count++;
+    n->ctr_dirty = true;
   }
   if (mine) {
     if (mine->term_ != e->term) {
@@ -999,6 +1018,7 @@ static int persist(struct gw_node *n, const struct raft_update *u)
       observe(n->ctr.fsync_bucket, ns / 1000);
       if (ns > n->ctr.fsync_ns_max)
         n->ctr.fsync_ns_max = ns;
+      n->ctr_dirty = true;
     }
   }
   return rc;
@@ -1263,6 +1283,7 @@ static void publish_status(struct gw_node *n)
   pthread_mutex_lock(&n->smu);
   struct gw_node_status *st = &n->st;
   *st = n->ctr;
+  n->ctr_dirty = false;
   snprintf(st->name, sizeof(st->name), "%s", n->cfg.name);
   st->leader_id = rs.leader;
   st->leader[0] = '\0';
