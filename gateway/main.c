@@ -219,6 +219,8 @@ static void on_routes(void *ctx, const struct gw_fsm *fsm)
   struct gw_engine *eng = atomic_load(&((__typeof__(route_target) *)ctx)->eng);
   if (!eng)
     return; /* handed again by gw_node_resync_routes once the engine runs */
+  if (gw_fsm_routes_version(fsm) == 0)
+    return; /* no table yet: the file's routes serve until the cluster's arrives */
   struct route_fold f = {{NULL, 0, 0}, true};
   gw_buf_append(&f.json, "[", 1);
   gw_fsm_routes_foreach(fsm, fold_route, &f);
