@@ -36,8 +36,6 @@
 #define RATE_BUCKET_NS (100 * NS_PER_MS)
 #define FAIL_BACKOFF_NS (50 * NS_PER_MS)
 #define HOUSEKEEP_MS 50
-#define WANT_SLACK_NS (1500 * NS_PER_MS)
-#define RENEW_LEASE_MS 250
 #define CLAIM_BUCKETS 1024
 #define MAX_CLAIMS 65536
 /* A stored response must fit one log entry (1 MiB by default) with the command around it. */
@@ -126,6 +124,8 @@ void gw_store_raft_tune(void *impl, const struct gw_store_raft_tuning *t)
     st->tune.idle_ms = t->idle_ms;
   if (t->batch_div >= 1)
     st->tune.batch_div = t->batch_div;
+  if (t->wait_ms >= 1)
+    st->tune.wait_ms = t->wait_ms;
   pthread_mutex_unlock(&st->mu);
 }
 
@@ -160,6 +160,8 @@ struct rq {
   uint8_t *blob; /* FINISH: headers then body */
   /* ACQUIRE */
   struct raft_limiter *lim;
+  struct lwait *wait_head, *wait_tail; /* requests waiting for this grant, oldest first */
+  struct rq *wprev, *wnext;           /* the limiter's list of acquires with waiters */
   uint8_t lkey_buf[RING_KEY_MAX + 1];
   uint8_t *lkey; /* the limiter key: lkey_buf, or owned when longer */
   size_t lkey_len;
@@ -391,7 +393,7 @@ static long b64_decode(const char *s, size_t n, uint8_t *out)
 /* ---- Limiters ---------------------------------------------------------------------------- */
 
 struct grant {
-  uint64_t id, left, deadline_ns;
+  uint64_t id, units, left, deadline_ns;
 };
 
 /* Per key; a fixed-size blob in the key table. */
@@ -403,10 +405,18 @@ struct lstate {
   uint64_t rate_bucket;       /* now / RATE_BUCKET_NS of cur */
   uint64_t rate_cur, rate_prev;
   uint64_t rep_remaining, rep_spent, rep_next_ms, rep_reset_ms;
+  uint64_t forgot_units, forgot_until; /* spent grants dropped from g[] before their lease's end */
   uint64_t backoff_until;
-  uint64_t want_until;        /* refused for want of an allotment: keep one ready until then */
   uint32_t n;
-  uint8_t refilling, have_report, in_ring, pad_;
+  struct rq *refill;           /* the QUOTA_ACQUIRE in flight for this key, if any */
+  uint8_t have_report, in_ring, pad_[6];
+};
+
+/* A request with no unit at hand, waiting (at most wait_ns) for the acquire in flight. */
+struct lwait {
+  struct lwait *next;
+  struct gw_store_op *op;
+  uint64_t deadline_ns;
 };
 
 struct ring_ent {
@@ -429,6 +439,8 @@ struct raft_limiter {
   uint64_t max_batch;
   uint64_t horizon_ms, idle_ns;
   uint64_t rtt_ns; /* smoothed refill round trip (1/8 weight per answer) */
+  uint64_t wait_ns; /* the longest a request waits for a grant */
+  struct rq *waiting; /* acquires in flight that requests wait for */
   uint64_t admitted, rejected, evictions;
   int refs; /* 1 for the owner + one per request in flight */
   bool dead;
@@ -518,6 +530,7 @@ static int raft_limiter_create(void *impl, const struct gw_limiter_spec *spec, v
   if (l->max_batch > GW_FSM_QUOTA_COUNT_MAX)
     l->max_batch = GW_FSM_QUOTA_COUNT_MAX;
   l->idle_ns = t.idle_ms * NS_PER_MS;
+  l->wait_ns = t.wait_ms * NS_PER_MS;
   l->refs = 1;
   pthread_mutex_init(&l->mu, NULL);
   pthread_mutex_lock(&st->mu);
@@ -572,7 +585,8 @@ static size_t limiter_id(const struct raft_limiter *l, const void *key, size_t l
     if (k[i] < 0x21 || k[i] > 0x7e || k[i] == '#')
       plain = false;
   if (plain) {
-    memcpy(out + n, key, len);
+    if (len)
+      memcpy(out + n, key, len);
     return n + len;
   }
   static const struct gw_hash_key fk[2] = {{0x7261667471756f74ull, 0x615f6b65795f3031ull},
@@ -582,11 +596,13 @@ static size_t limiter_id(const struct raft_limiter *l, const void *key, size_t l
   return n;
 }
 
+/* Drops the grants whose lease ended (spent ones stay until then: their count corrects the
+ * cluster's report) and sums what is left. */
 static void prune(struct lstate *s, uint64_t now)
 {
   uint64_t held = 0;
   for (uint32_t i = 0; i < s->n;) {
-    if (s->g[i].deadline_ns <= now || s->g[i].left == 0) {
+    if (s->g[i].deadline_ns <= now) {
       s->g[i] = s->g[--s->n];
       continue;
     }
@@ -684,12 +700,14 @@ static void fill_info(const struct raft_limiter *l, const struct lstate *s, bool
   } else {
     info->remaining = s->held;
   }
-  if (!ok)
+  if (!ok) {
+    info->remaining = 0; /* what this node can admit now, whatever other nodes still hold */
     info->retry_after_s = info->next_s > 0 ? info->next_s : 1;
+  }
 }
 
 static struct rq *refill_prepare(struct raft_limiter *l, struct lstate *s, const void *key,
-                                 size_t len, uint64_t now, uint64_t min_lease_ms)
+                                 size_t len, uint64_t now)
 {
   uint64_t b = batch_size(l, s, now);
   struct rq *q = rq_new(l->st, RQ_ACQUIRE);
@@ -704,7 +722,7 @@ static struct rq *refill_prepare(struct raft_limiter *l, struct lstate *s, const
   q->nr.cmd.quota_a = l->q;
   q->nr.cmd.quota_b = l->spec.kind == GW_LIMITER_TOKEN_BUCKET ? l->spec.tb.refill_per_sec : l->spec.sw.window_ms;
   q->nr.cmd.count = b;
-  q->nr.cmd.ttl_ms = l->lease_ms > min_lease_ms ? l->lease_ms : min_lease_ms;
+  q->nr.cmd.ttl_ms = l->lease_ms;
   q->lim = l;
   q->send_ns = now;
   if (len > RING_KEY_MAX && (q->lkey = malloc(len)) == NULL) {
@@ -716,7 +734,7 @@ static struct rq *refill_prepare(struct raft_limiter *l, struct lstate *s, const
     memcpy(q->lkey, key, len);
   q->lkey_len = len;
   l->refs++;
-  s->refilling = 1;
+  s->refill = q;
   return q;
 }
 
@@ -737,20 +755,183 @@ static struct rq *release_prepare(struct raft_store *st, const char *id, size_t 
   return q;
 }
 
+/* ---- Requests waiting for a grant ---- */
+
+static void waiting_link(struct raft_limiter *l, struct rq *q)
+{
+  q->wprev = NULL;
+  q->wnext = l->waiting;
+  if (l->waiting != NULL)
+    l->waiting->wprev = q;
+  l->waiting = q;
+}
+
+static void waiting_unlink(struct raft_limiter *l, struct rq *q)
+{
+  if (q->wprev != NULL)
+    q->wprev->wnext = q->wnext;
+  else if (l->waiting == q)
+    l->waiting = q->wnext;
+  else
+    return; /* not listed */
+  if (q->wnext != NULL)
+    q->wnext->wprev = q->wprev;
+  q->wprev = q->wnext = NULL;
+}
+
+/* Parks w on the acquire q (l->mu held). */
+static void wait_on(struct raft_limiter *l, struct rq *q, struct lwait *w)
+{
+  w->next = NULL;
+  if (q->wait_head == NULL) {
+    q->wait_head = w;
+    waiting_link(l, q);
+  } else {
+    q->wait_tail->next = w;
+  }
+  q->wait_tail = w;
+}
+
+/* Takes q's waiters off it (l->mu held): the caller answers or parks them again. */
+static struct lwait *waiters_take(struct raft_limiter *l, struct rq *q)
+{
+  struct lwait *w = q->wait_head;
+  waiting_unlink(l, q);
+  q->wait_head = q->wait_tail = NULL;
+  return w;
+}
+
+/* Fills a waiter's answer: admitted, or refused with the key's report (l->mu held). */
+static void waiter_decide(struct raft_limiter *l, const struct lstate *s, struct lwait *w, bool ok)
+{
+  struct gw_store_op *op = w->op;
+  op->err = 0;
+  op->admitted = ok;
+  if (ok)
+    l->admitted++;
+  else
+    l->rejected++;
+  if (s != NULL) {
+    fill_info(l, s, ok, &op->info);
+  } else {
+    struct lstate fresh;
+    memset(&fresh, 0, sizeof(fresh));
+    fill_info(l, &fresh, ok, &op->info);
+  }
+}
+
+/* Calls done for a list of decided waiters and frees them (no lock held). */
+static void waiters_done(struct lwait *w);
+
+/* Refuses the waiters whose time is up, or all of them (l->mu held): a node that cannot reach
+ * its cluster spends only what it holds. Returns them for waiters_done. */
+static struct lwait *waiters_expire(struct raft_limiter *l, uint64_t now, bool all)
+{
+  struct lwait *expired = NULL;
+  for (struct rq *q = l->waiting, *qn; q != NULL; q = qn) {
+    qn = q->wnext;
+    const struct lstate *ks = state_for(l, q->lkey, q->lkey_len, false, NULL);
+    struct lwait **pp = &q->wait_head, *last = NULL;
+    while (*pp != NULL) {
+      struct lwait *w = *pp;
+      if (all || now >= w->deadline_ns) {
+        *pp = w->next;
+        waiter_decide(l, ks, w, false);
+        w->next = expired;
+        expired = w;
+      } else {
+        last = w;
+        pp = &w->next;
+      }
+    }
+    q->wait_tail = last;
+    if (q->wait_head == NULL)
+      waiting_unlink(l, q);
+  }
+  return expired;
+}
+
+static void waiters_done(struct lwait *w)
+{
+  while (w != NULL) {
+    struct lwait *next = w->next;
+    w->op->done(w->op);
+    free(w);
+    w = next;
+  }
+}
+
+/* Refuses every waiter of a list (l->mu held); returns the list for waiters_done. */
+static struct lwait *waiters_refuse(struct raft_limiter *l, const struct lstate *s, struct lwait *w)
+{
+  for (struct lwait *x = w; x != NULL; x = x->next)
+    waiter_decide(l, s, x, false);
+  return w;
+}
+
 static void refill_submit(struct raft_limiter *l, struct rq *q)
 {
-  if (gw_node_submit(q->st->node, &q->nr) == 0)
+  if (!atomic_load(&q->st->closed) && gw_node_submit(q->st->node, &q->nr) == 0)
     return;
   /* Queue full: nothing was sent. */
   atomic_fetch_add(&l->st->refill_failures, 1);
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, q->lkey, q->lkey_len, false, NULL);
-  if (s != NULL) {
-    s->refilling = 0;
+  if (s != NULL && s->refill == q) {
+    s->refill = NULL;
     s->backoff_until = mono_ns() + FAIL_BACKOFF_NS;
   }
+  struct lwait *refused = waiters_refuse(l, s, waiters_take(l, q));
   lim_unref_locked_and_unlock(l);
+  waiters_done(refused);
   rq_free(q);
+}
+
+/* Spends one unit of the grant that ends first (s->held > 0). */
+static void spend(struct lstate *s)
+{
+  uint32_t best = NGRANTS;
+  for (uint32_t i = 0; i < s->n; i++)
+    if (s->g[i].left > 0 && (best == NGRANTS || s->g[i].deadline_ns < s->g[best].deadline_ns))
+      best = i;
+  s->g[best].left--;
+  s->held--;
+  s->rep_spent++;
+}
+
+/*
+ * The local decision, shared by both forms (l->mu held): spends a unit when the key holds one
+ * and starts a refill when the allotment runs low (*refill, to submit after unlocking). Returns
+ * 1 admitted, 0 refused, or -1: nothing held but the cluster may have some (the synchronous form
+ * refuses then; the asynchronous one waits for the grant).
+ */
+static int decide(struct raft_limiter *l, struct lstate *s, const void *key, size_t len,
+                  uint64_t now_ns, struct rq **refill)
+{
+  if (s->born_ns == 0)
+    s->born_ns = now_ns;
+  prune(s, now_ns);
+  rate_tick(s, now_ns);
+  s->last_ns = now_ns;
+  int ok = -1;
+  if (s->held > 0) {
+    spend(s);
+    ok = 1;
+  } else if (s->refill == NULL && now_ns < s->backoff_until) {
+    ok = 0; /* the cluster answered "none" (or failed) a moment ago */
+  }
+  if (s->refill == NULL && now_ns >= s->backoff_until && s->held <= batch_size(l, s, now_ns) / 2)
+    *refill = refill_prepare(l, s, key, len, now_ns);
+  return ok;
+}
+
+
+/* Leases are checked against the clock itself: a caller's reading taken a while ago must not
+ * let a unit be spent after its local deadline. */
+static uint64_t clock_at_least(uint64_t now_ns)
+{
+  uint64_t clock = mono_ns();
+  return clock > now_ns ? clock : now_ns;
 }
 
 static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t now_ns,
@@ -758,47 +939,57 @@ static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t no
 {
   struct raft_limiter *l = p;
   struct rq *refill = NULL;
-  /* Leases are checked against the clock itself: a caller's reading taken a while ago must
-   * not let a unit be spent after its local deadline. */
-  uint64_t clock = mono_ns();
-  if (clock > now_ns)
-    now_ns = clock;
+  now_ns = clock_at_least(now_ns);
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, key, len, true, evicted);
-  if (s->born_ns == 0)
-    s->born_ns = now_ns;
-  prune(s, now_ns);
-  rate_tick(s, now_ns);
-  s->last_ns = now_ns;
-  bool ok = false;
-  if (s->held > 0) {
-    uint32_t best = 0;
-    for (uint32_t i = 1; i < s->n; i++)
-      if (s->g[i].deadline_ns < s->g[best].deadline_ns)
-        best = i;
-    s->g[best].left--;
-    s->held--;
-    s->rep_spent++;
-    ok = true;
-  }
-  if (!s->refilling && now_ns >= s->backoff_until && s->held <= batch_size(l, s, now_ns) / 2)
-    refill = refill_prepare(l, s, key, len, now_ns, 0);
-  if (ok) {
+  bool ok = decide(l, s, key, len, now_ns, &refill) == 1;
+  if (ok)
     l->admitted++;
-    s->want_until = 0; /* served: the usual refill and idle rules apply again */
-  } else {
-    /* The client is told to come back in Retry-After: keep an allotment ready for it until a
-     * little after that (the housekeeper renews it while its lease runs out). */
-    uint64_t next_s = s->have_report ? s->rep_next_ms / 1000 + (s->rep_next_ms % 1000 != 0) : 0;
-    uint64_t ra = next_s < 1 ? 1 : next_s > 60 ? 60 : next_s;
-    s->want_until = now_ns + ra * 1000000000ull + WANT_SLACK_NS;
+  else
     l->rejected++;
-  }
   fill_info(l, s, ok, info);
   pthread_mutex_unlock(&l->mu);
   if (refill != NULL)
     refill_submit(l, refill);
   return ok;
+}
+
+/*
+ * As raft_limiter_admit while the key holds a unit (GW_STORE_DONE, no round trip). A key that
+ * holds none while the cluster may still have some (a key seen for the first time, or whose
+ * allotment ran out) waits for the acquire in flight, at most wait_ns: so no request is refused
+ * while the limit has room, and none waits while its node holds units.
+ */
+static int raft_limiter_admit_async(void *p, const void *key, size_t len, uint64_t now_ns,
+                                    struct gw_store_op *op)
+{
+  struct raft_limiter *l = p;
+  struct rq *refill = NULL;
+  now_ns = clock_at_least(now_ns);
+  struct lwait *w = malloc(sizeof(*w));
+  pthread_mutex_lock(&l->mu);
+  struct lstate *s = state_for(l, key, len, true, &op->evicted);
+  int ok = decide(l, s, key, len, now_ns, &refill);
+  if (ok < 0 && s->refill != NULL && w != NULL) {
+    w->op = op;
+    w->deadline_ns = now_ns + l->wait_ns;
+    wait_on(l, s->refill, w);
+    w = NULL;
+  } else {
+    if (ok == 1)
+      l->admitted++;
+    else
+      l->rejected++;
+    op->err = 0;
+    op->admitted = ok == 1;
+    fill_info(l, s, ok == 1, &op->info);
+    ok = ok == 1;
+  }
+  pthread_mutex_unlock(&l->mu);
+  free(w);
+  if (refill != NULL)
+    refill_submit(l, refill);
+  return ok < 0 ? 0 : GW_STORE_DONE;
 }
 
 /* A QUOTA_ACQUIRE's answer (node thread, or the forward hook's thread). */
@@ -811,37 +1002,63 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
               json_u64(body, len, "grant", &grant) && json_u64(body, len, "remaining", &remaining) &&
               json_u64(body, len, "next_ms", &next_ms) && json_u64(body, len, "reset_ms", &reset_ms) &&
               json_u64(body, len, "lease_ms", &lease_ms);
-  struct rq *give_back = NULL;
+  struct rq *give_back = NULL, *again = NULL;
+  struct lwait *answered = NULL;
   pthread_mutex_lock(&l->mu);
-  struct lstate *s = l->dead ? NULL : state_for(l, q->lkey, q->lkey_len, false, NULL);
+  struct lwait *waiters = waiters_take(l, q);
+  struct lstate *s = NULL;
+  if (!l->dead) {
+    /* A key with waiters is in use: bring back its state if the table evicted it meanwhile. */
+    s = state_for(l, q->lkey, q->lkey_len, waiters != NULL, NULL);
+    if (s != NULL && s->refill == q)
+      s->refill = NULL;
+  }
+  uint64_t now = mono_ns();
   if (!good) {
     atomic_fetch_add(&st->refill_failures, 1);
-    if (s != NULL) {
-      s->refilling = 0;
-      s->backoff_until = mono_ns() + FAIL_BACKOFF_NS;
-    }
+    if (s != NULL)
+      s->backoff_until = now + FAIL_BACKOFF_NS;
   } else {
     atomic_fetch_add(&st->refills, 1);
     atomic_fetch_add(&st->refill_units, granted);
-    uint64_t rtt = mono_ns() - q->send_ns;
+    uint64_t rtt = now - q->send_ns;
     l->rtt_ns = l->rtt_ns ? l->rtt_ns - l->rtt_ns / 8 + rtt / 8 : rtt;
     if (s != NULL) {
-      s->refilling = 0;
+      /* The machine counts every unit of this node's live grants as still to be spent: take
+       * off those spent already, so a node alone reports the exact remaining. */
+      prune(s, now);
+      uint64_t spent_live = 0;
+      for (uint32_t i = 0; i < s->n; i++)
+        spent_live += s->g[i].units - s->g[i].left;
+      if (now < s->forgot_until)
+        spent_live += s->forgot_units;
+      else
+        s->forgot_units = s->forgot_until = 0;
       s->have_report = 1;
-      s->rep_remaining = remaining;
+      s->rep_remaining = remaining > spent_live ? remaining - spent_live : 0;
       s->rep_spent = 0;
       s->rep_next_ms = next_ms;
       s->rep_reset_ms = reset_ms;
-      if (granted == 0)
+      if (granted < q->nr.cmd.count) /* the cluster had no more: ask again when it may */
         s->backoff_until = q->send_ns + (next_ms ? next_ms : 1) * NS_PER_MS;
     }
     if (granted > 0) {
       uint64_t lease_ns = lease_ms * NS_PER_MS;
       uint64_t deadline = q->send_ns + lease_ns - lease_ns / 64;
-      if (s != NULL)
-        prune(s, mono_ns());
-      if (s != NULL && s->n < NGRANTS) {
-        s->g[s->n++] = (struct grant){grant, granted, deadline};
+      if (s != NULL && s->n == NGRANTS) {
+        /* Full: fold a spent grant into the forgotten ones (kept for the report's correction
+         * until the latest of their leases ends). */
+        for (uint32_t i = 0; i < s->n; i++)
+          if (s->g[i].left == 0) {
+            s->forgot_units += s->g[i].units;
+            if (s->g[i].deadline_ns > s->forgot_until)
+              s->forgot_until = s->g[i].deadline_ns;
+            s->g[i] = s->g[--s->n];
+            break;
+          }
+      }
+      if (s != NULL && s->n < NGRANTS && now < deadline) {
+        s->g[s->n++] = (struct grant){grant, granted, granted, deadline};
         s->held += granted;
         ring_add(l, s, q->lkey, q->lkey_len);
       } else {
@@ -849,9 +1066,49 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
       }
     }
   }
+  /* The waiters, oldest first: a unit each while the key holds one. */
+  struct lwait **tail = &answered;
+  bool served = false;
+  while (waiters != NULL && s != NULL && s->held > 0) {
+    served = true;
+    struct lwait *w = waiters;
+    waiters = w->next;
+    spend(s);
+    waiter_decide(l, s, w, true);
+    *tail = w;
+    tail = &w->next;
+  }
+  *tail = NULL;
+  if (waiters != NULL && s != NULL && good && granted == q->nr.cmd.count) {
+    /* More waited than this grant covered, and the cluster gave all that was asked: ask again
+     * for at least as many, and let them wait for that. */
+    if (s->refill == NULL && (again = refill_prepare(l, s, q->lkey, q->lkey_len, now)) != NULL) {
+      uint64_t n = 0;
+      for (struct lwait *w = waiters; w != NULL; w = w->next)
+        n++;
+      if (n > again->nr.cmd.count)
+        again->nr.cmd.count = n < GW_FSM_QUOTA_COUNT_MAX ? n : GW_FSM_QUOTA_COUNT_MAX;
+    }
+    if (s->refill != NULL) {
+      while (waiters != NULL) {
+        struct lwait *w = waiters;
+        waiters = w->next;
+        wait_on(l, s->refill, w);
+      }
+    }
+  }
+  /* The rest: the cluster had no more (or could not be asked). */
+  if (waiters != NULL)
+    *tail = waiters_refuse(l, s, waiters);
+  else if (served && s->refill == NULL && now >= s->backoff_until &&
+           s->held <= batch_size(l, s, now) / 2)
+    again = refill_prepare(l, s, q->lkey, q->lkey_len, now); /* ahead of the next request */
   lim_unref_locked_and_unlock(l);
+  waiters_done(answered);
   if (give_back != NULL)
     rq_submit(give_back);
+  if (again != NULL)
+    refill_submit(l, again);
 }
 
 static void raft_limiter_stats(void *p, struct gw_limiter_stats *out)
@@ -885,11 +1142,12 @@ static void raft_limiter_peek(void *p, const void *key, size_t len, uint64_t now
   pthread_mutex_unlock(&l->mu);
 }
 
-/* Housekeeping: give back what idle keys hold. */
+/* Housekeeping: refuse requests that waited too long, give back what idle keys hold. */
 static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **out, size_t *n_out,
                               size_t cap, bool all)
 {
   pthread_mutex_lock(&l->mu);
+  struct lwait *expired = waiters_expire(l, now, all);
   uint32_t w = 0;
   for (uint32_t i = 0; i < l->ring_n; i++) {
     struct ring_ent *e = &l->ring[i];
@@ -897,35 +1155,15 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
     if (s == NULL)
       continue; /* evicted */
     prune(s, now);
-    if (all)
-      s->want_until = 0; /* the limiter is going away: give everything back */
-    if (now < s->want_until) {
-      /* A refused client will be back: renew the allotment before its lease runs out. */
-      uint64_t soonest = UINT64_MAX;
-      for (uint32_t k = 0; k < s->n; k++)
-        if (s->g[k].deadline_ns < soonest)
-          soonest = s->g[k].deadline_ns;
-      bool ending = s->n == 0 || soonest - now < 2 * HOUSEKEEP_MS * NS_PER_MS;
-      if (ending && !s->refilling && now >= s->backoff_until && *n_out < cap) {
-        /* A lease longer than the housekeeping period, so renewals leave no gap; it holds
-         * a unit or two of the budget a little longer, nothing more. */
-        struct rq *q = refill_prepare(l, s, e->key, e->len, now, RENEW_LEASE_MS);
-        if (q != NULL)
-          out[(*n_out)++] = q;
-      }
-      if (w != i)
-        l->ring[w] = *e;
-      w++;
-      continue;
-    }
-    bool idle = all || (now - s->last_ns >= l->idle_ns && !s->refilling);
+    bool idle = all || (now - s->last_ns >= l->idle_ns && s->refill == NULL);
     if (s->n == 0 || (idle && *n_out + s->n <= cap)) {
       if (s->n > 0) {
         char id[GW_FSM_MAX_QUOTA_ID + 1];
         size_t idl = limiter_id(l, e->key, e->len, id);
         for (uint32_t k = 0; k < s->n; k++) {
           /* Gone locally first: a released unit is never spent. */
-          struct rq *q = release_prepare(l->st, id, idl, s->g[k].id, s->g[k].left);
+          struct rq *q = s->g[k].left ? release_prepare(l->st, id, idl, s->g[k].id, s->g[k].left)
+                                      : NULL;
           if (q != NULL)
             out[(*n_out)++] = q;
         }
@@ -941,6 +1179,7 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
   }
   l->ring_n = w;
   pthread_mutex_unlock(&l->mu);
+  waiters_done(expired);
 }
 
 static void *housekeeper(void *arg)
@@ -976,12 +1215,8 @@ static void *housekeeper(void *arg)
     for (size_t j = 0; j < k; j++) {
       size_t n = 0;
       limiter_housekeep(all[j], now, batch, &n, sizeof(batch) / sizeof(batch[0]), false);
-      for (size_t i = 0; i < n; i++) {
-        if (batch[i]->kind == RQ_ACQUIRE)
-          refill_submit(batch[i]->lim, batch[i]);
-        else
-          rq_submit(batch[i]);
-      }
+      for (size_t i = 0; i < n; i++)
+        rq_submit(batch[i]); /* releases */
       pthread_mutex_lock(&all[j]->mu);
       lim_unref_locked_and_unlock(all[j]);
     }
@@ -1297,6 +1532,7 @@ int gw_store_raft_open(struct gw_node *node, const char *node_name, void **impl)
   st->tune.horizon_ms = 200;
   st->tune.idle_ms = 300;
   st->tune.batch_div = 8;
+  st->tune.wait_ms = 1000;
   pthread_mutex_init(&st->mu, NULL);
   pthread_cond_init(&st->cv, NULL);
   pthread_mutex_init(&st->imu, NULL);
@@ -1352,6 +1588,7 @@ const struct gw_store_ops gw_store_raft = {
     .limiter_create = raft_limiter_create,
     .limiter_destroy = raft_limiter_destroy,
     .limiter_admit = raft_limiter_admit,
+    .limiter_admit_async = raft_limiter_admit_async,
     .limiter_stats = raft_limiter_stats,
     .limiter_peek = raft_limiter_peek,
     .idem_create = raft_idem_create,

@@ -93,6 +93,7 @@ struct gw_store_raft_tuning {
   uint64_t horizon_ms;
   uint64_t idle_ms;
   uint32_t batch_div; /* max batch = limit / batch_div */
+  uint64_t wait_ms;   /* the longest a request waits for a key's grant (1000) */
 };
 void gw_store_raft_tune(void *impl, const struct gw_store_raft_tuning *t);
 

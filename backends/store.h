@@ -11,7 +11,10 @@
  * trip (raft, redis) provide the _async forms instead: the call returns 0 and later fills the
  * struct gw_store_op and calls op->done(op) exactly once, from the backend's own thread (or
  * returns a negative error at once and never calls done). For each operation a backend sets
- * either form; callers use the _async one when it is set.
+ * either form; callers use the _async one when it is set. A backend may set both forms of
+ * limiter_admit: then the synchronous one never waits (it refuses when it cannot decide
+ * locally), and limiter_admit_async may decide at once (it returns GW_STORE_DONE with op
+ * filled, and done is not called) or later.
  */
 #ifndef GW_STORE_H
 #define GW_STORE_H
@@ -26,7 +29,10 @@
 #include "sliding_window.h"
 #include "token_bucket.h"
 
-#define GW_STORE_OPS_VERSION 2
+#define GW_STORE_OPS_VERSION 3
+
+/* limiter_admit_async decided at once: op is filled and done is not called. */
+#define GW_STORE_DONE 1
 
 enum gw_limiter_kind { GW_LIMITER_TOKEN_BUCKET, GW_LIMITER_SLIDING_WINDOW };
 

@@ -684,7 +684,8 @@ static int limit_start(struct gw_preq *p, const struct gw_req_view *v, uint64_t 
     int rc = part->ops->limiter_admit_async(part->obj, k, klen, now_ns, &p->op);
     if (rc == 0)
       return GW_STEP_WAIT;
-    p->op.err = rc;
+    if (rc != GW_STORE_DONE)
+      p->op.err = rc;
     return -1;
   }
   p->op.admitted = part->ops->limiter_admit(part->obj, k, klen, now_ns, &p->op.info, &p->op.evicted);

@@ -4,7 +4,7 @@
  * its own node name, stand for the gateway nodes of a cluster: they share the state machine's
  * budget exactly as separate nodes would, so the cluster-wide bound can be checked here: across
  * all instances, admissions never exceed the limit; the local allotment path serves requests
- * without waiting; idle allotments go back; and the idempotency records answer execute, in
+ * without waiting, and a key without units waits (bounded) for its grant; idle allotments go back; and the idempotency records answer execute, in
  * flight, mismatch and replay across instances.
  */
 #include <setjmp.h>
@@ -146,30 +146,6 @@ static void cold_key_is_refused_then_served_from_the_allotment(void **state)
   struct gw_store_raft_stats s;
   gw_store_raft_stats(st, &s);
   assert_true(s.refills >= 1);
-  gw_store_raft.limiter_destroy(lim);
-  gw_store_raft_close(st);
-}
-
-/* A client refused once comes back after Retry-After and finds an allotment, however short the
- * lease; and the store stops renewing it a while after nobody asks. */
-static void refused_client_finds_an_allotment_when_it_retries(void **state)
-{
-  (void)state;
-  void *st = open_store("h1");
-  void *lim = make_limiter(st, "retry", GW_LIMITER_TOKEN_BUCKET, 10, 100); /* lease 25 ms */
-  struct gw_ratelimit_info info;
-  assert_false(gw_store_raft.limiter_admit(lim, "10.0.0.1", 8, now_ns(), &info, NULL));
-  assert_int_equal(info.retry_after_s, 1);
-  sleep_ms(1000);
-  assert_true(gw_store_raft.limiter_admit(lim, "10.0.0.1", 8, now_ns(), &info, NULL));
-  sleep_ms(3500);
-  struct gw_store_raft_stats a, b;
-  gw_store_raft_stats(st, &a);
-  sleep_ms(1000);
-  gw_store_raft_stats(st, &b);
-  fprintf(stderr, "retry: %llu refills while wanted, %llu after\n", (unsigned long long)a.refills,
-          (unsigned long long)(b.refills - a.refills));
-  assert_int_equal(b.refills, a.refills);
   gw_store_raft.limiter_destroy(lim);
   gw_store_raft_close(st);
 }
@@ -378,6 +354,72 @@ static void idempotency_across_nodes(void **state)
 
 /* A node that cannot reach a majority: admissions never wait, nothing is admitted without an
  * allotment, and idempotency answers an error (no leader) instead of a decision. */
+/* ---- The asynchronous admit: a key without units waits for its grant ------------------ */
+
+static int admit_async(void *lim, const char *key, struct waiter *w)
+{
+  memset(w, 0, sizeof(*w));
+  w->op.done = on_done;
+  w->op.ctx = w;
+  int rc = gw_store_raft.limiter_admit_async(lim, key, strlen(key), now_ns(), &w->op);
+  if (rc == GW_STORE_DONE)
+    atomic_store(&w->done, 1);
+  return rc;
+}
+
+/* Fifteen requests for a cold key of a window of ten: all wait for grants (asked again when
+ * more wait than a grant covers), exactly ten are admitted, the rest refused with nothing left;
+ * then a request is refused at once (the cluster said none). A bucket's key with units at hand
+ * is decided without waiting. */
+static void async_admit_waits_for_a_grant_only_when_it_holds_nothing(void **state)
+{
+  (void)state;
+  void *st = open_store("w1");
+  void *lim = make_limiter(st, "wait", GW_LIMITER_SLIDING_WINDOW, 10, 60000); /* batch 1 */
+  struct waiter w[15];
+  int waited = 0;
+  for (int i = 0; i < 15; i++) {
+    int rc = admit_async(lim, "k", &w[i]);
+    assert_true(rc == 0 || rc == GW_STORE_DONE);
+    waited += rc == 0;
+  }
+  assert_true(waited >= 1);
+  int admitted = 0;
+  for (int i = 0; i < 15; i++) {
+    wait_op(&w[i]);
+    assert_int_equal(w[i].op.err, 0);
+    admitted += w[i].op.admitted;
+    assert_int_equal(w[i].op.info.limit, 10);
+    if (!w[i].op.admitted) {
+      assert_int_equal(w[i].op.info.remaining, 0);
+      assert_true(w[i].op.info.retry_after_s >= 1);
+    }
+  }
+  assert_int_equal(admitted, 10);
+  struct waiter late;
+  assert_int_equal(admit_async(lim, "k", &late), GW_STORE_DONE);
+  assert_false(late.op.admitted);
+  struct gw_limiter_stats ls;
+  gw_store_raft.limiter_stats(lim, &ls);
+  assert_int_equal(ls.admitted, 10);
+  assert_int_equal(ls.rejected, 6);
+
+  void *tb = make_limiter(st, "wait", GW_LIMITER_TOKEN_BUCKET, 100, 10); /* batch 12 */
+  struct waiter first;
+  assert_int_equal(admit_async(tb, "k", &first), 0);
+  wait_op(&first);
+  assert_true(first.op.admitted);
+  for (int i = 0; i < 5; i++) {
+    struct waiter x;
+    assert_int_equal(admit_async(tb, "k", &x), GW_STORE_DONE);
+    assert_true(x.op.admitted);
+    assert_true(x.op.info.remaining <= 99);
+  }
+  gw_store_raft.limiter_destroy(tb);
+  gw_store_raft.limiter_destroy(lim);
+  gw_store_raft_close(st);
+}
+
 static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **state)
 {
   (void)state;
@@ -415,6 +457,8 @@ static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **
   }
   void *st;
   assert_int_equal(gw_store_raft_open(lonely, "m1", &st), 0);
+  struct gw_store_raft_tuning tn = {.wait_ms = 200};
+  gw_store_raft_tune(st, &tn);
   struct gw_limiter_spec spec;
   memset(&spec, 0, sizeof(spec));
   spec.kind = GW_LIMITER_TOKEN_BUCKET;
@@ -447,6 +491,17 @@ static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **
           (unsigned long long)(worst / 1000));
   assert_int_equal(admitted, 0);
   assert_true(worst < 50000000ull); /* never a wait on Raft (50 ms leaves room for a loaded machine) */
+  /* The asynchronous form waits for a grant at most wait_ms (here 200), then refuses. */
+  struct waiter aw;
+  uint64_t a0 = now_ns();
+  int arc = admit_async(lim, "cold", &aw);
+  assert_true(arc == 0 || arc == GW_STORE_DONE);
+  wait_op(&aw);
+  uint64_t waited_ms = (now_ns() - a0) / 1000000;
+  fprintf(stderr, "cut off: a cold key waited %llu ms\n", (unsigned long long)waited_ms);
+  assert_int_equal(aw.op.err, 0);
+  assert_false(aw.op.admitted);
+  assert_true(waited_ms < 2000);
   wait_op(&w);
   assert_int_equal(w.op.err, GW_STORE_RAFT_ENO_LEADER);
   struct gw_store_raft_stats s;
@@ -657,11 +712,11 @@ int main(void)
 {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(cold_key_is_refused_then_served_from_the_allotment),
-      cmocka_unit_test(refused_client_finds_an_allotment_when_it_retries),
       cmocka_unit_test(three_nodes_never_exceed_a_token_bucket),
       cmocka_unit_test(three_nodes_never_exceed_a_sliding_window),
       cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
       cmocka_unit_test(idempotency_across_nodes),
+      cmocka_unit_test(async_admit_waits_for_a_grant_only_when_it_holds_nothing),
       cmocka_unit_test(cut_off_node_admits_nothing_it_does_not_hold_and_never_waits),
       cmocka_unit_test(followers_forward_and_three_real_nodes_share_one_budget),
       cmocka_unit_test(argument_checks_and_error_names),
