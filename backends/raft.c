@@ -406,7 +406,8 @@ struct lstate {
   uint64_t rate_cur, rate_prev;
   uint64_t rep_remaining, rep_spent, rep_next_ms, rep_reset_ms;
   uint64_t forgot_units, forgot_until; /* spent grants dropped from g[] before their lease's end */
-  uint64_t backoff_until;
+  uint64_t backoff_until;     /* no acquire before (the cluster had none, or failed) */
+  uint64_t drained_until;     /* the cluster ran dry: refuse rather than wait until then */
   uint32_t n;
   struct rq *refill;           /* the QUOTA_ACQUIRE in flight for this key, if any */
   uint8_t have_report, in_ring, pad_[6];
@@ -917,10 +918,10 @@ static int decide(struct raft_limiter *l, struct lstate *s, const void *key, siz
   if (s->held > 0) {
     spend(s);
     ok = 1;
-  } else if (s->refill == NULL && now_ns < s->backoff_until) {
+  } else if (now_ns < s->drained_until || (s->refill == NULL && now_ns < s->backoff_until)) {
     ok = 0; /* the cluster answered "none" (or failed) a moment ago */
   }
-  if (s->refill == NULL && now_ns >= s->backoff_until && s->held <= batch_size(l, s, now_ns) / 2)
+  if (s->refill == NULL && now_ns >= s->backoff_until && s->held <= batch_size(l, s, now_ns))
     *refill = refill_prepare(l, s, key, len, now_ns);
   return ok;
 }
@@ -1039,8 +1040,17 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
       s->rep_spent = 0;
       s->rep_next_ms = next_ms;
       s->rep_reset_ms = reset_ms;
-      if (granted < q->nr.cmd.count) /* the cluster had no more: ask again when it may */
-        s->backoff_until = q->send_ns + (next_ms ? next_ms : 1) * NS_PER_MS;
+      if (granted < q->nr.cmd.count) {
+        /* The cluster ran dry: ask again when it may have more, no sooner than a horizon (a
+         * drained bucket's trickle is fetched in batches), and until its budget is whole again
+         * (or a grant comes back whole) refuse what finds no unit rather than make it wait:
+         * under overload only the requests that find a unit are admitted, at local speed. */
+        uint64_t again_ms = next_ms > l->horizon_ms ? next_ms : l->horizon_ms;
+        s->backoff_until = q->send_ns + again_ms * NS_PER_MS;
+        s->drained_until = q->send_ns + (reset_ms > again_ms ? reset_ms : again_ms) * NS_PER_MS;
+      } else {
+        s->drained_until = 0;
+      }
     }
     if (granted > 0) {
       uint64_t lease_ns = lease_ms * NS_PER_MS;
@@ -1101,7 +1111,7 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
   if (waiters != NULL)
     *tail = waiters_refuse(l, s, waiters);
   else if (served && s->refill == NULL && now >= s->backoff_until &&
-           s->held <= batch_size(l, s, now) / 2)
+           s->held <= batch_size(l, s, now))
     again = refill_prepare(l, s, q->lkey, q->lkey_len, now); /* ahead of the next request */
   lim_unref_locked_and_unlock(l);
   waiters_done(answered);
