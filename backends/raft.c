@@ -559,17 +559,19 @@ static void raft_limiter_destroy(void *p)
       break;
     }
   pthread_mutex_unlock(&st->mu);
-  /* Give back what the keys still hold (a lost release only leaves units to their lease). */
-  size_t cap = RING * NGRANTS, n = 0;
-  struct rq **give = malloc(cap * sizeof(*give));
-  if (give != NULL) {
-    limiter_housekeep(l, mono_ns(), give, &n, cap, true);
-    for (size_t i = 0; i < n; i++)
-      rq_submit(give[i]);
-    free(give);
-  }
+  /* Dead first: a grant answered from here on goes straight back. */
   pthread_mutex_lock(&l->mu);
   l->dead = true;
+  pthread_mutex_unlock(&l->mu);
+  /* Refuse any waiter and give back what the keys still hold (a lost release only leaves
+   * units to their lease). */
+  size_t cap = RING * NGRANTS, n = 0;
+  struct rq **give = malloc(cap * sizeof(*give));
+  limiter_housekeep(l, mono_ns(), give, &n, give != NULL ? cap : 0, true);
+  for (size_t i = 0; i < n; i++)
+    rq_submit(give[i]);
+  free(give);
+  pthread_mutex_lock(&l->mu);
   lim_unref_locked_and_unlock(l);
   store_release(st);
 }
@@ -870,11 +872,15 @@ static struct lwait *waiters_refuse(struct raft_limiter *l, const struct lstate 
   return w;
 }
 
-static void refill_submit(struct raft_limiter *l, struct rq *q)
+/*
+ * Submits an acquire. When it cannot go out (queue full, store closed) its waiters are refused,
+ * except mine (the caller's own, if parked on q), which is taken off and freed: the caller
+ * answers it itself. Returns false then.
+ */
+static bool refill_submit(struct raft_limiter *l, struct rq *q, struct lwait *mine)
 {
   if (!atomic_load(&q->st->closed) && gw_node_submit(q->st->node, &q->nr) == 0)
-    return;
-  /* Queue full: nothing was sent. */
+    return true;
   atomic_fetch_add(&l->st->refill_failures, 1);
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, q->lkey, q->lkey_len, false, NULL);
@@ -882,10 +888,18 @@ static void refill_submit(struct raft_limiter *l, struct rq *q)
     s->refill = NULL;
     s->backoff_until = mono_ns() + FAIL_BACKOFF_NS;
   }
-  struct lwait *refused = waiters_refuse(l, s, waiters_take(l, q));
+  struct lwait *list = waiters_take(l, q);
+  for (struct lwait **pp = &list; mine != NULL && *pp != NULL; pp = &(*pp)->next)
+    if (*pp == mine) {
+      *pp = mine->next;
+      free(mine);
+      break;
+    }
+  struct lwait *refused = waiters_refuse(l, s, list);
   lim_unref_locked_and_unlock(l);
   waiters_done(refused);
   rq_free(q);
+  return false;
 }
 
 /* Spends one unit of the grant that ends first (s->held > 0). */
@@ -951,7 +965,7 @@ static bool raft_limiter_admit(void *p, const void *key, size_t len, uint64_t no
   fill_info(l, s, ok, info);
   pthread_mutex_unlock(&l->mu);
   if (refill != NULL)
-    refill_submit(l, refill);
+    refill_submit(l, refill, NULL);
   return ok;
 }
 
@@ -967,15 +981,16 @@ static int raft_limiter_admit_async(void *p, const void *key, size_t len, uint64
   struct raft_limiter *l = p;
   struct rq *refill = NULL;
   now_ns = clock_at_least(now_ns);
-  struct lwait *w = malloc(sizeof(*w));
+  struct lwait *w = NULL;
+  struct rq *parked_on = NULL;
   pthread_mutex_lock(&l->mu);
   struct lstate *s = state_for(l, key, len, true, &op->evicted);
   int ok = decide(l, s, key, len, now_ns, &refill);
-  if (ok < 0 && s->refill != NULL && w != NULL) {
+  if (ok < 0 && s->refill != NULL && (w = malloc(sizeof(*w))) != NULL) {
     w->op = op;
     w->deadline_ns = now_ns + l->wait_ns;
-    wait_on(l, s->refill, w);
-    w = NULL;
+    parked_on = s->refill;
+    wait_on(l, parked_on, w);
   } else {
     if (ok == 1)
       l->admitted++;
@@ -987,9 +1002,15 @@ static int raft_limiter_admit_async(void *p, const void *key, size_t len, uint64
     ok = ok == 1;
   }
   pthread_mutex_unlock(&l->mu);
-  free(w);
-  if (refill != NULL)
-    refill_submit(l, refill);
+  if (refill != NULL && !refill_submit(l, refill, parked_on == refill ? w : NULL) &&
+      parked_on == refill) {
+    /* The acquire this request waited for could not go out: refused now, by this call. */
+    pthread_mutex_lock(&l->mu);
+    struct lwait self = {NULL, op, 0};
+    waiter_decide(l, state_for(l, key, len, false, NULL), &self, false);
+    pthread_mutex_unlock(&l->mu);
+    return GW_STORE_DONE;
+  }
   return ok < 0 ? 0 : GW_STORE_DONE;
 }
 
@@ -1015,6 +1036,9 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
       s->refill = NULL;
   }
   uint64_t now = mono_ns();
+  if (s != NULL)
+    prune(s, now); /* no waiter is served from a grant whose lease ended */
+  bool kept = false; /* the grant joined the key's allotment (else it goes back) */
   if (!good) {
     atomic_fetch_add(&st->refill_failures, 1);
     if (s != NULL)
@@ -1027,7 +1051,6 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
     if (s != NULL) {
       /* The machine counts every unit of this node's live grants as still to be spent: take
        * off those spent already, so a node alone reports the exact remaining. */
-      prune(s, now);
       uint64_t spent_live = 0;
       for (uint32_t i = 0; i < s->n; i++)
         spent_live += s->g[i].units - s->g[i].left;
@@ -1070,9 +1093,12 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
       if (s != NULL && s->n < NGRANTS && now < deadline) {
         s->g[s->n++] = (struct grant){grant, granted, granted, deadline};
         s->held += granted;
+        kept = true;
         ring_add(l, s, q->lkey, q->lkey_len);
       } else {
         give_back = release_prepare(st, q->nr.cmd.name, q->nr.cmd.name_len, grant, granted);
+        if (s != NULL) /* it came too late for its lease (slow commits): pause a little */
+          s->backoff_until = now + FAIL_BACKOFF_NS;
       }
     }
   }
@@ -1089,7 +1115,7 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
     tail = &w->next;
   }
   *tail = NULL;
-  if (waiters != NULL && s != NULL && good && granted == q->nr.cmd.count) {
+  if (waiters != NULL && s != NULL && kept && granted == q->nr.cmd.count) {
     /* More waited than this grant covered, and the cluster gave all that was asked: ask again
      * for at least as many, and let them wait for that. */
     if (s->refill == NULL && (again = refill_prepare(l, s, q->lkey, q->lkey_len, now)) != NULL) {
@@ -1100,11 +1126,18 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
         again->nr.cmd.count = n < GW_FSM_QUOTA_COUNT_MAX ? n : GW_FSM_QUOTA_COUNT_MAX;
     }
     if (s->refill != NULL) {
-      while (waiters != NULL) {
-        struct lwait *w = waiters;
-        waiters = w->next;
-        wait_on(l, s->refill, w);
+      /* Older than any request parked there since: they go first. */
+      struct rq *r = s->refill;
+      struct lwait *last = waiters;
+      while (last->next != NULL)
+        last = last->next;
+      last->next = r->wait_head;
+      if (r->wait_head == NULL) {
+        r->wait_tail = last;
+        waiting_link(l, r);
       }
+      r->wait_head = waiters;
+      waiters = NULL;
     }
   }
   /* The rest: the cluster had no more (or could not be asked). */
@@ -1118,7 +1151,7 @@ static void acquire_answer(struct rq *q, int err, int status, const char *body, 
   if (give_back != NULL)
     rq_submit(give_back);
   if (again != NULL)
-    refill_submit(l, again);
+    refill_submit(l, again, NULL);
 }
 
 static void raft_limiter_stats(void *p, struct gw_limiter_stats *out)
@@ -1165,7 +1198,7 @@ static void limiter_housekeep(struct raft_limiter *l, uint64_t now, struct rq **
     if (s == NULL)
       continue; /* evicted */
     prune(s, now);
-    bool idle = all || (now - s->last_ns >= l->idle_ns && s->refill == NULL);
+    bool idle = all || (now > s->last_ns && now - s->last_ns >= l->idle_ns && s->refill == NULL);
     if (s->n == 0 || (idle && *n_out + s->n <= cap)) {
       if (s->n > 0) {
         char id[GW_FSM_MAX_QUOTA_ID + 1];
@@ -1199,7 +1232,7 @@ static void *housekeeper(void *arg)
   pthread_mutex_lock(&st->mu);
   while (!st->stop) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition variable's clock */
     ts.tv_nsec += HOUSEKEEP_MS * 1000000L;
     if (ts.tv_nsec >= 1000000000L) {
       ts.tv_sec++;
@@ -1544,7 +1577,11 @@ int gw_store_raft_open(struct gw_node *node, const char *node_name, void **impl)
   st->tune.batch_div = 8;
   st->tune.wait_ms = 1000;
   pthread_mutex_init(&st->mu, NULL);
-  pthread_cond_init(&st->cv, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* housekeeping ignores wall-clock steps */
+  pthread_cond_init(&st->cv, &ca);
+  pthread_condattr_destroy(&ca);
   pthread_mutex_init(&st->imu, NULL);
   pthread_cond_init(&st->icv, NULL);
   if (pthread_create(&st->hk, NULL, housekeeper, st) != 0) {

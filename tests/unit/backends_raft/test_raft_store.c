@@ -420,6 +420,26 @@ static void async_admit_waits_for_a_grant_only_when_it_holds_nothing(void **stat
   gw_store_raft_close(st);
 }
 
+/* A store closed under a live limiter: a cold key's acquire cannot go out, and the request is
+ * refused by the call itself (GW_STORE_DONE), never by a completion on the caller's stack. */
+static void async_admit_on_a_closed_store_answers_at_once(void **state)
+{
+  (void)state;
+  void *st = open_store("x1");
+  void *lim = make_limiter(st, "closed", GW_LIMITER_SLIDING_WINDOW, 10, 60000);
+  gw_store_raft_close(st); /* the limiter keeps the instance alive; nothing reaches the node */
+  struct waiter w;
+  memset(&w, 0, sizeof(w));
+  w.op.done = on_done;
+  w.op.ctx = &w;
+  assert_int_equal(gw_store_raft.limiter_admit_async(lim, "k", 1, now_ns(), &w.op), GW_STORE_DONE);
+  assert_int_equal(atomic_load(&w.done), 0);
+  assert_int_equal(w.op.err, 0);
+  assert_false(w.op.admitted);
+  assert_true(w.op.info.retry_after_s >= 1);
+  gw_store_raft.limiter_destroy(lim);
+}
+
 static void cut_off_node_admits_nothing_it_does_not_hold_and_never_waits(void **state)
 {
   (void)state;
@@ -717,6 +737,7 @@ int main(void)
       cmocka_unit_test(idle_allotment_goes_back_to_the_cluster),
       cmocka_unit_test(idempotency_across_nodes),
       cmocka_unit_test(async_admit_waits_for_a_grant_only_when_it_holds_nothing),
+      cmocka_unit_test(async_admit_on_a_closed_store_answers_at_once),
       cmocka_unit_test(cut_off_node_admits_nothing_it_does_not_hold_and_never_waits),
       cmocka_unit_test(followers_forward_and_three_real_nodes_share_one_budget),
       cmocka_unit_test(argument_checks_and_error_names),
