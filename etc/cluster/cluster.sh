@@ -44,6 +44,8 @@ Try:
   curl -s -X POST -d '{"ttl_ms": 10000}' http://127.0.0.1:9092/v1/leases
   curl -s -X POST -d '{"owner": "worker-1", "ttl_ms": 10000}' http://127.0.0.1:9092/v1/locks/jobs
   curl -s http://127.0.0.1:9091/v1/locks/jobs
+  one limit for the whole cluster (10 per 30 s), requests spread over the three proxies:
+  for i in \$(seq 15); do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:808\$((i % 3 + 1))/api/limited/x; done; echo
   kill one node (see the pids below) and keep writing through the others.
   pids: ${pids[*]:1}
 
