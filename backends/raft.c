@@ -940,7 +940,6 @@ static int decide(struct raft_limiter *l, struct lstate *s, const void *key, siz
   return ok;
 }
 
-
 /* Leases are checked against the clock itself: a caller's reading taken a while ago must not
  * let a unit be spent after its local deadline. */
 static uint64_t clock_at_least(uint64_t now_ns)
