@@ -150,7 +150,9 @@ class CorePolicies:
         sleep_until(t_end + 1.7)
         rs2, took2 = self.burst(gw, 6)
         if took2 < 1.4:
-            self.assertEqual(statuses(rs2), [200] * 4 + [429] * 2)
+            self.assertEqual(statuses(rs2), [200] * 4 + [429] * 2,
+                             (statuses(rs), took, [(r.header("RateLimit"), r.header("Retry-After"))
+                                                   for r in rs + rs2], gw.log()[-2000:]))
         self.assertEqual(self.received(up),
                          statuses(rs).count(200) + statuses(rs2).count(200))
 
