@@ -285,14 +285,18 @@ static void serve_ready_reads(struct gw_node *n);
 
 /* ---- answering ---- */
 
-/* The counters, histograms and applied index as they are now, so that a client that got its
- * answer and then reads /metrics sees its own write counted (the full status is published once
- * per turn of the loop, after the answers). */
+/* The counters, histograms, term, commit and applied index as they are now, so that a client
+ * that got its answer and then reads /metrics sees its own write counted (the full status is
+ * published once per turn of the loop, after the answers). */
 static void publish_counters(struct gw_node *n)
 {
   const size_t from = offsetof(struct gw_node_status, proposals);
+  struct raft_status rs;
+  raft_status(n->raft, &rs);
   pthread_mutex_lock(&n->smu);
   memcpy((char *)&n->st + from, (const char *)&n->ctr + from, sizeof(n->st) - from);
+  n->st.term = rs.term;
+  n->st.commit_index = rs.commit;
   n->st.applied_index = n->applied;
   pthread_mutex_unlock(&n->smu);
   n->ctr_dirty = false;
