@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "pipeline.h"
+#include "raft_store.h"
 
 static void outf(struct gw_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void outf(struct gw_buf *b, const char *fmt, ...)
@@ -116,7 +117,7 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
       {"gateway_retries_total", "Retries made to upstreams.", offsetof(struct gw_route_rt, retries)},
       {"gateway_idempotent_replays_total", "Answers replayed from an idempotency record.",
        offsetof(struct gw_route_rt, replays)},
-      {"gateway_store_errors_total", "Times a shared store (backend redis) could not answer.",
+      {"gateway_store_errors_total", "Times a shared store (backend redis or raft) could not answer.",
        offsetof(struct gw_route_rt, store_errors)},
   };
   for (size_t k = 0; k < sizeof(counters) / sizeof(counters[0]); k++) {
@@ -203,6 +204,32 @@ void gw_metrics_render(struct gw_buf *b, struct gw_engine *eng, struct gw_node *
     outf(b, "gateway_raft_snapshots_total %" PRIu64 "\n", st.snapshots);
     family(b, "gateway_raft_disk_full", "gauge", "1 while the log cannot be written.");
     outf(b, "gateway_raft_disk_full %d\n", st.disk_full ? 1 : 0);
+  }
+  const struct gw_store_ops *sops;
+  void *simpl;
+  gw_pipeline_shared_store(&sops, &simpl);
+  if (sops == &gw_store_raft && simpl) {
+    /* Quota leasing of this node's cluster-scope limiters (backends/raft.c). */
+    struct gw_store_raft_stats qs;
+    gw_store_raft_stats(simpl, &qs);
+    const struct {
+      const char *name, *help;
+      uint64_t v;
+    } q[] = {
+        {"gateway_quota_acquires_total", "Quota acquires the cluster answered (cluster-scope limits).",
+         qs.refills},
+        {"gateway_quota_acquire_failures_total",
+         "Quota acquires that failed or could not be sent (the key refuses for 50 ms).",
+         qs.refill_failures},
+        {"gateway_quota_units_granted_total", "Units of cluster budget granted to this node.",
+         qs.refill_units},
+        {"gateway_quota_units_released_total", "Unspent units this node gave back.",
+         qs.release_units},
+    };
+    for (size_t k = 0; k < sizeof(q) / sizeof(q[0]); k++) {
+      family(b, q[k].name, "counter", q[k].help);
+      outf(b, "%s %" PRIu64 "\n", q[k].name, q[k].v);
+    }
   }
   gw_config_unref(cfg);
 }

@@ -267,6 +267,12 @@ void gw_pipeline_set_shared_store(const struct gw_store_ops *ops, void *impl)
   shared_impl = impl;
 }
 
+void gw_pipeline_shared_store(const struct gw_store_ops **ops, void **impl)
+{
+  *ops = shared_ops;
+  *impl = shared_impl;
+}
+
 static void destroy_mem_limiter(void *l) { gw_store_memory.limiter_destroy(l); }
 static void destroy_mem_idem(void *i) { gw_store_memory.idem_destroy(i); }
 static void destroy_shared_limiter(void *l) { shared_ops->limiter_destroy(l); }

@@ -75,9 +75,11 @@ struct gw_route_rt {
   atomic_ullong latency_sum_us, latency_count;
 };
 
-/* Cluster-scope limiters and idempotency records live in this store (backend redis); call
- * once at startup, before the first attach. */
+/* Cluster-scope limiters and idempotency records live in this store (backend redis or raft);
+ * call once at startup, before the first attach. gw_pipeline_shared_store tells which it is
+ * (*ops NULL when none). */
 void gw_pipeline_set_shared_store(const struct gw_store_ops *ops, void *impl);
+void gw_pipeline_shared_store(const struct gw_store_ops **ops, void **impl);
 
 /* Create the live state of every route of cfg, reusing prev's for unchanged routes. */
 int gw_pipeline_attach(struct gw_config *cfg, const struct gw_config *prev);

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import backend_harness as bh  # noqa: E402
 import test_policies as tp  # noqa: E402
+from test_admin import parse_exposition, sample  # noqa: E402
 from harness import route  # noqa: E402
 
 SLOW = harness.SLOW
@@ -491,6 +492,18 @@ class ClusterLimits:
             if r.status == 429:
                 self.assertEqual(self.rl(r), 0, r)
                 self.assertEqual(error_code(r), "rate_limited", r)
+        if self.BACKEND.leased:
+            # Each node leased part of the budget, and says so in /metrics: the grants add up to
+            # at least what was admitted.
+            granted = 0
+            for n in c.nodes:
+                m = n.admin("GET", "/metrics")
+                self.assertEqual(m.status, 200, m)
+                fams = parse_exposition(m.body.decode())
+                self.assertGreaterEqual(sample(fams, "gateway_quota_acquires_total"), 1, n.id)
+                self.assertGreaterEqual(sample(fams, "gateway_quota_acquire_failures_total"), 0)
+                granted += sample(fams, "gateway_quota_units_granted_total")
+            self.assertGreaterEqual(granted, limit)
 
     def test_sliding_window_per_window_across_nodes(self):
         limit, window_ms = 15, int(2500 * SLOW)
